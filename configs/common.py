@@ -26,36 +26,46 @@ def mesh_config() -> mlc.ConfigDict:
 
 
 def agents_config() -> mlc.ConfigDict:
-  """Multi-agent communication (owned by the agents/eval code)."""
+  """Multi-agent communication (diffmas_jax/prompts.py, topology.py, methods/)."""
   return mlc.ConfigDict(dict(
-      topology="sequential",  # sequential | hierarchical
-      roles=("planner", "critic", "refiner"),  # upstream roles; the solver is always last
-      role_text={},  # role name -> instruction, overrides/extends diffmas_jax.prompts.ROLE_TEXT
-      latent_steps=10,  # m per upstream agent (paper's best)
-      realign=True,  # off keeps the norm rescale (W_a = I)
-      realign_lambda=1e-5,
+      topology="sequential",  # sequential | hierarchical (independent, vmapped specialists)
+      # Upstream roles in order (tuple or "a,b,c"); the solver is always last.
+      # Built-in: planner, critic, refiner, math_specialist, science_specialist, code_specialist.
+      roles=("planner", "critic", "refiner"),
+      # Role name -> instruction, replacing the built-in one or defining a new role
+      # ("solver" sets the solver's). Set in a config file: cfg.agents.role_text = {...}.
+      role_text={},
+      latent_steps=10,  # m per upstream agent (paper's best); 0 still hands the prompts over
+      role_latent_steps={},  # role name -> m, overriding latent_steps for that role
+      realign=True,  # False: W_a = I, the norm rescale still applies
+      realign_lambda=1e-5,  # ridge term of the realignment solve (f32)
       trace_keep="all",  # all | own_segment | latent_only
       position_layout="continue",  # hierarchical: continue | shared_start
-      agent_max_new_tokens=256,  # text_mas upstream agents
-      chat_template_kwargs={},  # e.g. {"enable_thinking": False} for Qwen3 templates
+      agent_max_new_tokens=256,  # text_mas: tokens each upstream agent may write
+      # Qwen3 templates: True (Qwen3's default) lets the model think before answering,
+      # False appends an empty <think></think> block. Only templates that read it get it.
+      enable_thinking=True,
   ))
 
 
 def eval_config() -> mlc.ConfigDict:
-  """Evaluation harness (owned by the agents/eval code)."""
+  """Evaluation harness (diffmas_jax/evaluation.py, launch/eval.py)."""
   return mlc.ConfigDict(dict(
-      task="gsm8k",
-      split="",
+      task="gsm8k",  # any name in diffmas_jax.tasks.TASKS
+      split="",  # "" = the task's default split
       data_path="",  # local file for gated sets (GPQA csv, AIME jsonl, evalplus jsonl)
       limit=0,  # first N items (0 = all)
       stand_in_for="",  # paper benchmark this offline split stands in for (noted in summary.md)
-      methods=("single", "text_mas", "latent_mas"),
+      methods=("single", "text_mas", "latent_mas"),  # "+lora" suffix / "diffmas": with adapters
       batch_size=8,
-      max_new_tokens=512,
-      temperature=0.0,  # 0 = greedy; paper: 0.6
-      top_p=0.95,
-      num_samples=1,
+      bucket=32,  # prompt widths round up to a multiple of this (bounds recompiles)
+      max_new_tokens=512,  # solver / single answer budget
+      temperature=0.0,  # 0 = greedy (default); the paper samples at 0.6
+      top_p=0.95,  # used when temperature > 0
+      top_k=0,
+      num_samples=1,  # > 1 (with temperature > 0): self-consistency in summary.md
       seed=0,
+      sandbox={},  # code tasks: SandboxConfig fields, e.g. {"timeout_s": 10, "memory_mb": 1024}
   ))
 
 

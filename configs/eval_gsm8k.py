@@ -1,20 +1,14 @@
-"""GSM8K test: single / text_mas / latent_mas on the embedded model.
+"""GSM8K test: single / text_mas / latent_mas on the embedded SmolLM2-135M-Instruct.
 
   python -m launch.eval --config=configs/eval_gsm8k.py --config.eval.limit=50 --workdir=runs/gsm8k50
   python -m launch.eval --config=configs/eval_gsm8k.py:quick     # 4 items, short outputs
+  python -m launch.eval --config=configs/eval_gsm8k.py:hier      # independent specialists
+
+Options after the colon are those of configs/eval_task.py.
 """
 
-from configs.common import base_config, quick_variant
+from configs import eval_task
 
 
 def get_config(arg: str | None = None):
-  cfg = base_config()
-  cfg.eval.task = "gsm8k"
-  cfg.eval.split = "test"
-  cfg.eval.max_new_tokens = 256
-  cfg.agents.agent_max_new_tokens = 192
-  if arg == "quick":
-    return quick_variant(cfg)
-  if arg:
-    raise ValueError(f"unknown config variant {arg!r}; available: quick")
-  return cfg
+  return eval_task.get_config(",".join(filter(None, ["task=gsm8k", arg])))

@@ -11,7 +11,7 @@ trace in training.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -92,36 +92,12 @@ def agent_stage(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.
   return latent_steps(weights, cfg, out.cache, out.hidden[:, -1], realigner, steps, lora)
 
 
-TRACE_KEEP = ("all", "own_segment", "latent_only")
-
-
-def trace_keep_mask(cache: KVCache, start: int, num_done: jax.Array, prompt_len: int, steps: int,
-                    mode: str) -> jax.Array:
-  """[B, S] slots that stay visible once `num_done` upstream stages have run.
-
-  all: every slot. own_segment: only the most recent stage's segment (information
-  passes hop by hop, LatentMAS's "sequential_info_only"). latent_only: only the
-  latent-thought slots of upstream stages (their prompts are hidden).
-  Slots before `start` (anything in the cache before the trace) stay visible.
-  """
-  if mode not in TRACE_KEEP:
-    raise ValueError(f"trace_keep={mode!r}; expected one of {TRACE_KEEP}")
-  slot = jnp.arange(cache.capacity) - start
-  seg, offset = slot // (prompt_len + steps), slot % (prompt_len + steps)
-  upstream = (slot >= 0) & (seg < num_done)
-  if mode == "all":
-    keep = jnp.ones_like(upstream)
-  elif mode == "own_segment":
-    keep = ~upstream | (seg == num_done - 1)
-  else:
-    keep = ~upstream | (offset >= prompt_len)
-  return jnp.broadcast_to(keep, cache.pos.shape)
-
-
 def build_trace(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
                 valid: jax.Array, realigner: Realigner, steps: int,
                 lora: LoRA | None = None, per_agent_lora: bool = False,
-                remat: bool = False, trace_keep: str = "all") -> tuple[KVCache, jax.Array]:
+                remat: bool = False,
+                before_stage: Callable[[KVCache, jax.Array], KVCache] | None = None
+                ) -> tuple[KVCache, jax.Array]:
   """Sequential agents via `lax.scan` over stacked prompts.
 
   Args:
@@ -130,13 +106,11 @@ def build_trace(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.
       LoRA whose leaves carry a leading [A] agent axis.
     remat: wrap each stage in `jax.checkpoint` (training: activations of a stage
       are recomputed in the backward pass instead of stored for all stages).
-    trace_keep: which earlier slots each stage sees (see `trace_keep_mask`); the
-      caller applies the same mask once more before the solver.
+    before_stage: optional `(cache, agent_index) -> cache` applied before each
+      stage (topology.py uses it to hide slots for the trace-keep options).
   Returns:
     The trace (A * (T + steps) more slots) and final hidden states [A, B, D].
   """
-  start = cache.end
-  prompt_len = tokens.shape[-1]
 
   def stage(cache, tok, val, lo):
     return agent_stage(weights, cfg, cache, tok, val, realigner, steps, lo)
@@ -146,52 +120,13 @@ def build_trace(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.
 
   def body(cache, xs):
     j, tok, val, lo = xs
-    if trace_keep != "all":
-      cache = cache.keep(trace_keep_mask(cache, start, j, prompt_len, steps, trace_keep))
+    if before_stage is not None:
+      cache = before_stage(cache, j)
     cache, h = stage(cache, tok, val, lo if per_agent_lora else lora)
     return cache, h
 
   agent_ids = jnp.arange(tokens.shape[0])
   return jax.lax.scan(body, cache, (agent_ids, tokens, valid, lora if per_agent_lora else None))
-
-
-POSITION_LAYOUTS = ("continue", "shared_start")
-
-
-def build_independent_trace(weights: Weights, cfg: ModelConfig, cache: KVCache,
-                            tokens: jax.Array, valid: jax.Array, realigner: Realigner,
-                            steps: int, lora: LoRA | None = None, per_agent_lora: bool = False,
-                            position_layout: str = "continue") -> tuple[KVCache, jax.Array]:
-  """Hierarchical topology: agents build their segments independently (vmapped).
-
-  Each agent starts from an empty trace and never sees another agent's slots;
-  the segments are then appended, in agent order, after `cache.end` for the
-  solver. `position_layout`: "continue" numbers segment j's positions after
-  segments 0..j-1 (as if sequential); "shared_start" starts every segment at
-  the position right after the existing cache (parallel, overlapping positions).
-  """
-  if position_layout not in POSITION_LAYOUTS:
-    raise ValueError(f"position_layout={position_layout!r}; expected one of {POSITION_LAYOUTS}")
-  a, b, t = tokens.shape
-  base = cache.next_pos  # [B]
-  seg_len = jnp.sum(valid, axis=-1) + steps  # [A, B] positions each segment uses
-  before = jnp.cumsum(seg_len, axis=0) - seg_len  # exclusive prefix sum over agents
-  starts = base + (before if position_layout == "continue" else jnp.zeros_like(before))
-  empty = KVCache.init(cfg, b, t + steps, cache.k.dtype)
-
-  def one(tok, val, start, lo):
-    return agent_stage(weights, cfg, empty, tok, val, realigner, steps, lo, start_pos=start)
-
-  segments, hs = jax.vmap(one, in_axes=(0, 0, 0, 0 if per_agent_lora else None))(
-      tokens, valid, starts, lora)
-  # [A, L, B, K, T+m, Dh] -> [L, B, K, A*(T+m), Dh], agent-major along slots.
-  merge = lambda x: jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], a * (t + steps), x.shape[-1])
-  pos = jnp.moveaxis(segments.pos, 0, 1).reshape(b, a * (t + steps))
-  write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, cache.end, axis=3)
-  new = KVCache(k=write(cache.k, merge(segments.k)), v=write(cache.v, merge(segments.v)),
-                pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, pos, cache.end, axis=1),
-                end=cache.end + a * (t + steps))
-  return new, hs
 
 
 def trace_length(num_agents: int, prompt_len: int, steps: int) -> int:

@@ -1,25 +1,28 @@
 """Evaluate communication methods side by side on one task.
 
-  python -m launch.eval --config=configs/eval_gsm8k.py --workdir=runs/gsm8k
-  python -m launch.eval --config=configs/eval_arc.py --config.eval.limit=50 \\
-      --config.eval.methods='("single","latent_mas")'
+  python -m launch.eval --config=configs/eval_gsm8k.py --config.eval.limit=50 --workdir=runs/gsm8k50
+  python -m launch.eval --config=configs/eval_arc.py:quick
+  python -m launch.eval --config=configs/eval_task.py:task=medqa \\
+      --config.eval.methods='("single","latent_mas")' --config.agents.latent_steps=0
 
-Writes <workdir>/results.jsonl (one line per sample, resumable), summary.md,
-summary.json and accuracy.png. Rerunning the same command skips finished samples.
+Writes <workdir>/results.jsonl (one line per sample; rerunning skips finished
+samples), summary.md, summary.json, accuracy.png and run_config.json.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/eval_*.py).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file (configs/eval_*.py).",
+                                lock_config=True)
 flags.DEFINE_string("workdir", "", "Run directory (default runs/eval_<task>).")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (pods, SLURM).")
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  from diffmas_jax.evaluation import evaluate, make_context
+  from diffmas_jax.evaluation import evaluate
   from diffmas_jax.loading import load_model
   from diffmas_jax.tasks import load_task
   from launch.runtime import init_runtime, make_workdir
@@ -27,24 +30,15 @@ def main(argv):
   cfg = FLAGS.config
   init_runtime(FLAGS.multihost)
   workdir = make_workdir(FLAGS.workdir or cfg.workdir, f"eval_{cfg.eval.task}")
-  records = load_task(cfg.eval.task, split=cfg.eval.split or None, path=cfg.eval.data_path or None,
-                      limit=cfg.eval.limit or None, seed=cfg.eval.seed)
+  # Data first: a missing dataset should fail before the model loads.
+  records = load_task(cfg.eval.task, split=cfg.eval.split or None,
+                      path=cfg.eval.data_path or None, limit=cfg.eval.limit or None,
+                      seed=cfg.eval.seed)
   model = load_model(cfg.model.source, dtype=cfg.model.dtype)
-  ctx = make_context(model, cfg.agents, cfg.eval)
-  title = f"{cfg.eval.task}" + (f" (first {cfg.eval.limit})" if cfg.eval.limit else "")
-  notes = [f"model: {cfg.model.source} ({cfg.model.dtype})",
-           f"agents: {', '.join(cfg.agents.roles)} -> solver; topology {cfg.agents.topology}; "
-           f"m = {cfg.agents.latent_steps}; realign {cfg.agents.realign}; "
-           f"trace_keep {cfg.agents.trace_keep}",
-           f"decoding: temperature {cfg.eval.temperature}, top_p {cfg.eval.top_p}, "
-           f"max_new_tokens {cfg.eval.max_new_tokens} (text_mas agents: "
-           f"{cfg.agents.agent_max_new_tokens})"]
-  if cfg.eval.stand_in_for:
-    notes.append(f"offline stand-in: {cfg.eval.task} stands in for {cfg.eval.stand_in_for}")
-  out = evaluate(ctx, records, list(cfg.eval.methods), workdir, title,
-                 batch_size=cfg.eval.batch_size, num_samples=cfg.eval.num_samples,
-                 seed=cfg.eval.seed, notes=notes)
-  print(open(out["summary_md"]).read())
+  out = evaluate(model, records, list(cfg.eval.methods), cfg.eval, cfg.agents, workdir)
+  with open(out["summary_md"]) as f:
+    print(f.read())
+  print(f"per-sample results: {workdir}/results.jsonl; chart: {out['summary_png']}")
 
 
 if __name__ == "__main__":

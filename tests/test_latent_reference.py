@@ -1,25 +1,36 @@
-"""Our latent trace equals a plain transformers (PyTorch) loop, slot by slot."""
+"""Our latent_mas trace equals a plain transformers (PyTorch) loop, per layer and slot.
+
+The reference is written independently and as plainly as possible: for each
+agent, prefill its prompt with `past_key_values`, then m times realign the last
+hidden state and feed it back as `inputs_embeds`; then prefill the solver
+prompt and decode greedily. Ours runs a left-padded batch of two rows through
+the same code latent_mas uses; every row must match its own reference run.
+"""
+
+import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
 from conftest import make_hf_model, to_ours
-from diffmas_jax import agents, sampling
+from diffmas_jax import agents, sampling, topology
 from diffmas_jax import model as model_lib
 from diffmas_jax.kv_cache import KVCache
+from diffmas_jax.methods.latent_mas import PipelineBatch, pipeline_capacity, solver_prefill
 
-A, M, T, SOLVER_T, N_NEW = 3, 4, 7, 5, 6
+A, M, N_NEW = 3, 4, 6
+AGENT_LENS = [(7, 4), (5, 7), (6, 3)]  # [agent][row] true prompt lengths (rows differ)
+SOLVER_LENS = (5, 3)
 
 
 def torch_reference(hf, prompts, solver, lam=1e-5):
-  """Independent implementation: prefill with past_key_values, realigned inputs_embeds."""
-  w_in = hf.get_input_embeddings().weight.detach().float()
-  w_out = hf.get_output_embeddings().weight.detach().float()
-  gram = w_out.T @ w_out + lam * torch.eye(w_in.shape[1])
-  w_a = torch.linalg.solve(gram, w_out.T @ w_in)
-  target = w_in.norm(dim=1).mean()
+  """One row: returns per-layer (k, v) [K, S, Dh] after the solver prompt, and greedy tokens."""
+  w_in = hf.get_input_embeddings().weight.detach().double()
+  w_out = hf.get_output_embeddings().weight.detach().double()
+  w_a = torch.linalg.solve(w_out.T @ w_out + lam * torch.eye(w_in.shape[1], dtype=torch.float64),
+                           w_out.T @ w_in).float()
+  target = w_in.norm(dim=1).mean().float()
 
   def realign(h):
     e = h @ w_a
@@ -28,15 +39,16 @@ def torch_reference(hf, prompts, solver, lam=1e-5):
   past = None
   with torch.no_grad():
     for prompt in prompts:
-      out = hf(input_ids=torch.tensor(prompt), past_key_values=past, use_cache=True,
+      out = hf(input_ids=torch.tensor([prompt]), past_key_values=past, use_cache=True,
                output_hidden_states=True)
       past, h = out.past_key_values, out.hidden_states[-1][:, -1]
       for _ in range(M):
         out = hf(inputs_embeds=realign(h)[:, None], past_key_values=past, use_cache=True,
                  output_hidden_states=True)
         past, h = out.past_key_values, out.hidden_states[-1][:, -1]
-    kv = [(layer.keys.numpy().copy(), layer.values.numpy().copy()) for layer in past.layers]
-    out = hf(input_ids=torch.tensor(solver), past_key_values=past, use_cache=True)
+    out = hf(input_ids=torch.tensor([solver]), past_key_values=past, use_cache=True)
+    kv = [(layer.keys[0].numpy().copy(), layer.values[0].numpy().copy())
+          for layer in out.past_key_values.layers]
     tokens = []
     for _ in range(N_NEW):
       nxt = out.logits[:, -1].argmax(-1)
@@ -45,34 +57,44 @@ def torch_reference(hf, prompts, solver, lam=1e-5):
   return kv, tokens
 
 
+def _left_pad(rows, width):
+  tokens = np.zeros((len(rows), width), np.int32)
+  valid = np.zeros((len(rows), width), bool)
+  for r, row in enumerate(rows):
+    tokens[r, width - len(row):], valid[r, width - len(row):] = row, True
+  return tokens, valid
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def ours(weights, cfg, cache, batch, realigner, *, spec):
+  out = solver_prefill(weights, cfg, cache, batch, realigner, spec)
+  last = model_lib.lm_head(weights, out.hidden[:, -1:])[:, 0]
+  gen = sampling.decode(weights, cfg, out.cache, last, jax.random.key(0),
+                        sampling.SamplingConfig(max_new_tokens=N_NEW))
+  return out.cache, gen.tokens
+
+
 def test_latent_trace_and_solver_match_transformers():
   hf = make_hf_model("qwen3", seed=11)
   cfg, weights = to_ours(hf)
   rng = np.random.RandomState(0)
-  prompts = [rng.randint(3, cfg.vocab_size, (1, T)) for _ in range(A)]
-  solver = rng.randint(3, cfg.vocab_size, (1, SOLVER_T))
-  ref_kv, ref_tokens = torch_reference(hf, prompts, solver)
-
-  realigner = agents.make_realigner(weights, 1e-5, True)
-  cache = KVCache.init(cfg, 1, A * (T + M) + SOLVER_T + N_NEW)
-  tokens = jnp.asarray(np.stack(prompts))
-  cache, _ = agents.build_trace(weights, cfg, cache, tokens, jnp.ones_like(tokens, bool),
-                                realigner, M)
-  n = A * (T + M)
-  assert int(cache.end) == n
-  for layer, (k_ref, v_ref) in enumerate(ref_kv):
-    np.testing.assert_allclose(np.asarray(cache.k[layer, :, :, :n]), k_ref, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(cache.v[layer, :, :, :n]), v_ref, atol=1e-4, rtol=0)
-  out = model_lib.forward(weights, cfg, cache, tokens=jnp.asarray(solver), logits="last")
-  gen = sampling.decode(weights, cfg, out.cache, out.logits[:, 0], jax.random.key(0),
-                        sampling.SamplingConfig(max_new_tokens=N_NEW))
-  assert np.asarray(gen.tokens)[0].tolist() == ref_tokens
-
-
-def test_realign_off_keeps_the_norm_rescale():
-  cfg, weights = to_ours(make_hf_model("llama", seed=12))
-  r = agents.make_realigner(weights, enabled=False)
-  np.testing.assert_array_equal(np.asarray(r.w_a), np.eye(cfg.hidden_size))
-  h = jnp.asarray(np.random.RandomState(0).randn(3, cfg.hidden_size) * 50, jnp.float32)
-  e = agents.realign(h, r)
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(e), axis=-1), float(r.target_norm), rtol=1e-5)
+  prompts = [[rng.randint(3, cfg.vocab_size, n).tolist() for n in lens] for lens in AGENT_LENS]
+  solver = [rng.randint(3, cfg.vocab_size, n).tolist() for n in SOLVER_LENS]
+  width = max(max(lens) for lens in AGENT_LENS)
+  agent = [_left_pad(p, width) for p in prompts]
+  batch = PipelineBatch(np.stack([t for t, _ in agent]), np.stack([v for _, v in agent]),
+                        *_left_pad(solver, max(SOLVER_LENS)))
+  spec = topology.TraceSpec((M,) * A)
+  cache = KVCache.init(cfg, 2, pipeline_capacity(batch, spec, N_NEW))
+  cache, tokens = ours(weights, cfg, cache, batch.as_jax(), agents.make_realigner(weights, 1e-5),
+                       spec=spec)
+  end = pipeline_capacity(batch, spec)  # trace + solver prompt
+  for r in range(2):
+    ref_kv, ref_tokens = torch_reference(hf, [p[r] for p in prompts], solver[r])
+    slots = np.flatnonzero(np.asarray(cache.pos[r, :end]) >= 0)
+    assert len(slots) == sum(lens[r] + M for lens in AGENT_LENS) + SOLVER_LENS[r]
+    np.testing.assert_array_equal(np.asarray(cache.pos[r, slots]), np.arange(len(slots)))
+    for layer, (k_ref, v_ref) in enumerate(ref_kv):
+      np.testing.assert_allclose(np.asarray(cache.k[layer, r][:, slots]), k_ref, atol=1e-4, rtol=0)
+      np.testing.assert_allclose(np.asarray(cache.v[layer, r][:, slots]), v_ref, atol=1e-4, rtol=0)
+    assert np.asarray(tokens[r]).tolist() == ref_tokens

@@ -1,105 +1,169 @@
 """LatentMAS (and DiffMAS at inference): agents communicate through one KV trace.
 
-The whole pipeline (trace building, trace-keep masking, solver prefill, decode)
-is one jitted function per (batch, prompt bucket) shape. Passing trained
-adapters turns it into DiffMAS inference: one shared LoRA, or per-agent LoRAs
-stacked on a leading [A + 1] axis (upstream agents, then the solver).
+Trace building (topology.build), the trace-keep mask, the solver's prefill and
+its decoding are one jitted function per (batch, prompt widths, TraceSpec,
+SamplingConfig), shared by every call. Adapters turn it into DiffMAS inference:
+`ctx.lora` is one shared LoRA, or a `topology.AgentLoRA` (upstream adapters
+stacked on a leading [A] axis and/or the solver's own).
+
+`encode_pipeline` builds the padded batch tensors from records; the trainer
+reuses it (with `targets`) and `teacher_forced_logits` for its loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffmas_jax import agents, prompts, sampling
+from diffmas_jax import agents, prompts, sampling, topology
 from diffmas_jax import model as model_lib
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache
-from diffmas_jax.methods.base import MethodOutput, RunContext, split_generation
+from diffmas_jax.methods.base import (MethodOutput, RunContext, encode_chats, pad_left_to,
+                                      split_generation)
 from diffmas_jax.model import LoRA
 from diffmas_jax.params import Weights
 from diffmas_jax.tasks import Record
 
 
-def encode_pipeline(ctx: RunContext, records: list[Record]):
-  """Upstream prompts [A, B, T] (common bucketed width) and solver prompts [B, Ts]."""
-  per_role = [[prompts.upstream_messages(role, r, overrides=ctx.role_text) for r in records]
-              for role in ctx.roles]
-  encoded = [ctx.encode(m) for m in per_role]
-  width = max(t.shape[1] for t, _ in encoded)
-  encoded = [ctx.encode(m, width) for m in per_role]
-  agent_tokens = np.stack([t for t, _ in encoded])
-  agent_valid = np.stack([v for _, v in encoded])
-  solver = [prompts.solver_messages(r, latent=True, overrides=ctx.role_text) for r in records]
-  solver_tokens, solver_valid = ctx.encode(solver)
-  return agent_tokens, agent_valid, solver_tokens, solver_valid
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PipelineBatch:
+  """Padded inputs of a latent pipeline (numpy from `encode_pipeline`, or jax arrays).
+
+  Attributes:
+    agent_tokens, agent_valid: [A, B, T] upstream role prompts, left padded to
+      one common width T (so the agents stack for the scan).
+    solver_tokens, solver_valid: [B, Ts] solver prompts, left padded.
+    target_tokens, target_valid: [B, U] teacher-forcing targets (target text +
+      stop token), RIGHT padded, or None. Column u of the targets directly
+      follows the solver prompt, so every row's prompt ends at column Ts - 1.
+  """
+
+  agent_tokens: Any
+  agent_valid: Any
+  solver_tokens: Any
+  solver_valid: Any
+  target_tokens: Any = None
+  target_valid: Any = None
+
+  def as_jax(self) -> "PipelineBatch":
+    return jax.tree.map(jnp.asarray, self)
+
+  @property
+  def prompt_width(self) -> int:
+    return self.agent_tokens.shape[-1]
 
 
-def split_lora(lora: LoRA | None, per_agent: bool):
-  """(upstream lora, solver lora) from a shared or an [A + 1]-stacked adapter."""
-  if lora is None or not per_agent:
-    return lora, lora
-  upstream = jax.tree.map(lambda x: x[:-1], lora)
-  solver = jax.tree.map(lambda x: x[-1], lora)
-  return upstream, solver
+def encode_pipeline(tokenizer: Any, records: Sequence[Record],
+                    roles: Sequence[prompts.AgentRole], *, solver_text: str | None = None,
+                    bucket: int = 32, template_kwargs: dict | None = None,
+                    targets: Sequence[str] | None = None) -> PipelineBatch:
+  """Records -> chat-templated, padded pipeline inputs.
+
+  Args:
+    tokenizer: a diffmas_jax Tokenizer (or anything with encode, encode_chat,
+      pad_id, eos_id).
+    records: the batch.
+    roles: upstream agents, in order (the solver comes after them).
+    solver_text: override of the solver's instruction.
+    bucket: widths round up to a multiple of this (bounds recompiles).
+    template_kwargs: chat-template variables (e.g. enable_thinking).
+    targets: optional solver target texts (training); each gets eos appended.
+  Returns:
+    PipelineBatch of numpy arrays.
+  """
+  encoded = [encode_chats(tokenizer, [prompts.upstream_messages(role, r) for r in records],
+                          bucket, template_kwargs) for role in roles]
+  width = max(t.shape[1] for t, _ in encoded)  # one width for all agents: they stack
+  encoded = [pad_left_to(t, v, width, tokenizer.pad_id) for t, v in encoded]
+  solver = [prompts.solver_messages(r, text=solver_text) for r in records]
+  solver_tokens, solver_valid = encode_chats(tokenizer, solver, bucket, template_kwargs)
+  batch = PipelineBatch(np.stack([t for t, _ in encoded]), np.stack([v for _, v in encoded]),
+                        solver_tokens, solver_valid)
+  if targets is not None:
+    if len(targets) != len(records):
+      raise ValueError(f"{len(targets)} targets for {len(records)} records")
+    ids = [tokenizer.encode(t) + [tokenizer.eos_id] for t in targets]
+    width = -(-max(len(i) for i in ids) // bucket) * bucket
+    batch.target_tokens = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+    batch.target_valid = np.zeros((len(ids), width), bool)
+    for r, row in enumerate(ids):
+      batch.target_tokens[r, :len(row)] = row
+      batch.target_valid[r, :len(row)] = True
+  return batch
 
 
-def build_solver_cache(weights: Weights, cfg: ModelConfig, cache: KVCache, agent_tokens,
-                       agent_valid, realigner, *, steps: int, topology: str, trace_keep: str,
-                       position_layout: str, lora_up, per_agent: bool, remat: bool = False):
-  """Appends the upstream agents' trace to `cache` and applies the solver's keep mask."""
-  start = cache.end
-  if topology == "sequential":
-    cache, _ = agents.build_trace(weights, cfg, cache, agent_tokens, agent_valid, realigner, steps,
-                                  lora_up, per_agent, remat=remat, trace_keep=trace_keep)
-  elif topology == "hierarchical":
-    cache, _ = agents.build_independent_trace(weights, cfg, cache, agent_tokens, agent_valid,
-                                              realigner, steps, lora_up, per_agent,
-                                              position_layout=position_layout)
-  else:
-    raise ValueError(f"topology={topology!r}; expected 'sequential' or 'hierarchical'")
-  if trace_keep != "all":
-    a, _, t = agent_tokens.shape
-    cache = cache.keep(agents.trace_keep_mask(cache, start, jnp.int32(a), t, steps, trace_keep))
-  return cache
+def pipeline_capacity(batch: PipelineBatch, spec: topology.TraceSpec, new_tokens: int = 0) -> int:
+  """Cache slots for the trace + solver prompt (+ targets) + `new_tokens` decoded."""
+  targets = 0 if batch.target_tokens is None else batch.target_tokens.shape[1]
+  return spec.length(batch.prompt_width) + batch.solver_tokens.shape[1] + targets + new_tokens
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sc", "steps", "topology", "trace_keep",
-                                             "position_layout", "per_agent"),
-                   donate_argnames=("cache",))
-def _pipeline(weights, cfg, cache, agent_tokens, agent_valid, solver_tokens, solver_valid,
-              realigner, key, lora, *, sc, steps, topology, trace_keep, position_layout,
-              per_agent):
-  lora_up, lora_solver = split_lora(lora, per_agent)
-  cache = build_solver_cache(weights, cfg, cache, agent_tokens, agent_valid, realigner,
-                             steps=steps, topology=topology, trace_keep=trace_keep,
-                             position_layout=position_layout, lora_up=lora_up,
-                             per_agent=per_agent)
-  trace_len = jnp.sum(cache.pos >= 0, axis=1)  # [B] visible slots handed to the solver
-  out = model_lib.forward(weights, cfg, cache, tokens=solver_tokens, valid=solver_valid,
-                          lora=lora_solver, logits="last")
-  gen = sampling.decode(weights, cfg, out.cache, out.logits[:, 0], key, sc, lora_solver)
-  return gen, trace_len
+def solver_prefill(weights: Weights, cfg: ModelConfig, cache: KVCache, batch: PipelineBatch,
+                   realigner: agents.Realigner, spec: topology.TraceSpec,
+                   lora: LoRA | topology.AgentLoRA | None = None, remat: bool = False,
+                   with_targets: bool = False) -> model_lib.ForwardOutput:
+  """Builds the trace, then prefills the solver prompt (and, if asked, the
+  targets but their last token) on top of it; logits are not computed."""
+  _, _, solver_lora = topology.split_lora(lora)
+  cache, _ = topology.build(weights, cfg, cache, batch.agent_tokens, batch.agent_valid,
+                            realigner, spec, lora, remat)
+  tokens, valid = batch.solver_tokens, batch.solver_valid
+  if with_targets:
+    tokens = jnp.concatenate([tokens, batch.target_tokens[:, :-1]], axis=1)
+    valid = jnp.concatenate([valid, batch.target_valid[:, :-1]], axis=1)
+  return model_lib.forward(weights, cfg, cache, tokens=tokens, valid=valid, lora=solver_lora,
+                           logits="none")
 
 
-def run(ctx: RunContext, records: list[Record], seed: int = 0) -> list[MethodOutput]:
-  m = ctx.model
-  agent_tokens, agent_valid, solver_tokens, solver_valid = encode_pipeline(ctx, records)
-  a, b, t = agent_tokens.shape
+def teacher_forced_logits(weights: Weights, cfg: ModelConfig, cache: KVCache,
+                          batch: PipelineBatch, realigner: agents.Realigner,
+                          spec: topology.TraceSpec, lora: LoRA | topology.AgentLoRA | None = None,
+                          remat: bool = False) -> jax.Array:
+  """[B, U, V] f32 logits predicting `batch.target_tokens`, conditioned on the whole trace.
+
+  `cache` must be empty with `pipeline_capacity(batch, spec)` slots; create it
+  outside jit (`KVCache.init`) so XLA does not constant-fold attention over zeros.
+  Mask the loss with `batch.target_valid`.
+  """
+  out = solver_prefill(weights, cfg, cache, batch, realigner, spec, lora, remat, with_targets=True)
+  ts = batch.solver_tokens.shape[1]
+  return model_lib.lm_head(weights, out.hidden[:, ts - 1:])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "spec"), donate_argnames=("cache",))
+def trace_and_decode(weights: Weights, cfg: ModelConfig, cache: KVCache, batch: PipelineBatch,
+                     realigner: agents.Realigner, key: jax.Array,
+                     lora: LoRA | topology.AgentLoRA | None, *, sc: sampling.SamplingConfig,
+                     spec: topology.TraceSpec) -> sampling.Generation:
+  """The whole latent pipeline, jitted: trace, solver prefill, decoding.
+
+  `cache`: empty, `pipeline_capacity(batch, spec, sc.max_new_tokens)` slots,
+  made outside jit (donated). Returns the solver's Generation.
+  """
+  out = solver_prefill(weights, cfg, cache, batch, realigner, spec, lora)
+  _, _, solver_lora = topology.split_lora(lora)
+  last = model_lib.lm_head(weights, out.hidden[:, -1:])[:, 0]  # [B, V]
+  return sampling.decode(weights, cfg, out.cache, last, key, sc, solver_lora)
+
+
+def run(ctx: RunContext, records: Sequence[Record], seed: int = 0) -> list[MethodOutput]:
+  m, spec = ctx.model, ctx.spec
+  batch = encode_pipeline(m.tokenizer, records, ctx.roles, solver_text=ctx.solver_text,
+                          bucket=ctx.bucket, template_kwargs=ctx.template_kwargs)
   sc = ctx.sampling_config(ctx.max_new_tokens)
-  capacity = agents.trace_length(a, t, ctx.latent_steps) + solver_tokens.shape[1] + sc.max_new_tokens
-  cache = KVCache.init(m.cfg, b, capacity)  # outside jit (see sampling.prefill_and_decode)
-  gen, _ = _pipeline(m.weights, m.cfg, cache, jnp.asarray(agent_tokens), jnp.asarray(agent_valid),
-                     jnp.asarray(solver_tokens), jnp.asarray(solver_valid), ctx.realigner,
-                     jax.random.key(seed), ctx.lora, sc=sc, steps=ctx.latent_steps,
-                     topology=ctx.topology, trace_keep=ctx.trace_keep,
-                     position_layout=ctx.position_layout, per_agent=ctx.per_agent_lora)
-  rows = split_generation(gen, m.tokenizer, sc.stop_ids)
-  per_agent_len = (agent_valid.sum(axis=2) + ctx.latent_steps).T  # [B, A]
+  cache = KVCache.init(m.cfg, len(records), pipeline_capacity(batch, spec, sc.max_new_tokens))
+  gen = trace_and_decode(m.weights, m.cfg, cache, batch.as_jax(), ctx.realigner,
+                         jax.random.key(seed), ctx.lora, sc=sc, spec=spec)
+  # [B, A]: positions each agent added to the trace (its true prompt tokens + m).
+  per_agent = (batch.agent_valid.sum(axis=2) + np.asarray(spec.steps)[:, None]).T
   return [MethodOutput(text=r["text"], output_tokens=r["tokens"], answer_tokens=r["tokens"],
                        answer_nll=r["nll"], mean_token_entropy=r["entropy"],
-                       trace_len_per_agent=per_agent_len[i].tolist())
-          for i, r in enumerate(rows)]
+                       trace_len_per_agent=per_agent[i].tolist())
+          for i, r in enumerate(split_generation(gen, m.tokenizer, sc.stop_ids))]

@@ -1,40 +1,51 @@
-"""TextMAS: the same roles, but each upstream agent decodes text for the next one."""
+"""TextMAS: the same roles as latent_mas, but each upstream agent decodes text.
+
+Sequential: every agent's text goes into the next agents' prompts and into the
+solver's. Hierarchical: the specialists answer independently (none sees another's
+text) and the solver reads all of them.
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from diffmas_jax import prompts, sampling
+from diffmas_jax import prompts, sampling, topology
 from diffmas_jax.methods.base import MethodOutput, RunContext, split_generation
 from diffmas_jax.tasks import Record
 
 
-def _generate(ctx: RunContext, messages, max_new: int, seed: int):
-  tokens, valid = ctx.encode(messages)
+def _generate(ctx: RunContext, chats, max_new: int, seed: int, lora):
+  """Batched prefill + decode; returns per-row results and prompt lengths."""
+  tokens, valid = ctx.encode(chats)
   sc = ctx.sampling_config(max_new)
   m = ctx.model
   gen = sampling.prefill_and_decode(m.weights, m.cfg, jnp.asarray(tokens), jnp.asarray(valid),
-                                    jax.random.key(seed), sc, tokens.shape[1] + max_new, ctx.lora)
-  lengths = valid.sum(axis=1).tolist()
-  return split_generation(gen, m.tokenizer, sc.stop_ids), lengths
+                                    jax.random.key(seed), sc, tokens.shape[1] + max_new, lora)
+  return split_generation(gen, m.tokenizer, sc.stop_ids), valid.sum(axis=1).tolist()
 
 
-def run(ctx: RunContext, records: list[Record], seed: int = 0) -> list[MethodOutput]:
-  history: list[list[tuple[str, str]]] = [[] for _ in records]
-  prompt_lens: list[list[int]] = [[] for _ in records]
+def run(ctx: RunContext, records: Sequence[Record], seed: int = 0) -> list[MethodOutput]:
+  up_lora, per_agent, solver_lora = topology.split_lora(ctx.lora)
+  chained = ctx.topology == "sequential"
+  notes: list[list[tuple[str, str]]] = [[] for _ in records]
+  trace_len: list[list[int]] = [[] for _ in records]
   generated = [0] * len(records)
   for j, role in enumerate(ctx.roles):
-    msgs = [prompts.upstream_messages(role, r, h, ctx.role_text) for r, h in zip(records, history)]
-    rows, lengths = _generate(ctx, msgs, ctx.agent_max_new_tokens, seed + 1 + j)
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-      history[i].append((role, row["text"]))
-      prompt_lens[i].append(n)
+    lora = jax.tree.map(lambda x: x[j], up_lora) if per_agent else up_lora
+    chats = [prompts.upstream_messages(role, r, notes[i] if chained else ())
+             for i, r in enumerate(records)]
+    rows, prompt_lens = _generate(ctx, chats, ctx.agent_max_new_tokens, seed + 1 + j, lora)
+    for i, (row, n) in enumerate(zip(rows, prompt_lens)):
+      notes[i].append((role.name, row["text"]))
+      trace_len[i].append(n + row["tokens"])
       generated[i] += row["tokens"]
-  msgs = [prompts.solver_messages(r, h, overrides=ctx.role_text) for r, h in zip(records, history)]
-  rows, _ = _generate(ctx, msgs, ctx.max_new_tokens, seed)
+  chats = [prompts.solver_messages(r, notes[i], ctx.solver_text) for i, r in enumerate(records)]
+  rows, _ = _generate(ctx, chats, ctx.max_new_tokens, seed, solver_lora)
   return [MethodOutput(text=row["text"], output_tokens=generated[i] + row["tokens"],
                        answer_tokens=row["tokens"], answer_nll=row["nll"],
-                       mean_token_entropy=row["entropy"], trace_len_per_agent=prompt_lens[i],
-                       agent_texts=[t for _, t in history[i]])
+                       mean_token_entropy=row["entropy"], trace_len_per_agent=trace_len[i],
+                       agent_texts=[text for _, text in notes[i]])
           for i, row in enumerate(rows)]
