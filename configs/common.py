@@ -70,14 +70,48 @@ def eval_config() -> mlc.ConfigDict:
 
 
 def train_config() -> mlc.ConfigDict:
-  """DiffMAS training (owned by the training code)."""
+  """DiffMAS training (diffmas_jax/train.py, data.py, trainer.py)."""
   return mlc.ConfigDict(dict(
-      grad_mode="shared",  # final_only | shared | per_agent
+      grad_mode="shared",  # final_only | shared | per_agent (SPEC section 2)
+      # Training data: math (MATH train, reference solutions), humaneval (canonical
+      # solutions; those problems are then excluded from HumanEval evaluation),
+      # commonsenseqa (templated rationale + letter), jsonl (train.data_path).
+      data="math",
+      data_path="",  # jsonl of {"question", "target"} pairs when data="jsonl"
+      num_examples=210,  # sampled with data_seed (0 = all for jsonl)
+      data_seed=0,
+      epochs=1.0,
+      shuffle=True,
+      batch_size=1,  # examples per micro-step (divisible by mesh data * fsdp)
+      grad_accum=64,  # micro-steps per optimizer update (the paper's 64)
+      lr=5e-5,
+      warmup_ratio=0.03,
+      final_lr_ratio=0.0,  # cosine decays to lr * this
+      max_grad_norm=1.0,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      max_prompt_tokens=512,  # every agent's and the solver's prompt, padded to this
+      max_target_tokens=512,  # solver target (+ eos), padded to this
+      on_overlong="truncate",  # truncate (warn: cut targets, drop long prompts) | error
+      remat_stages=True,  # recompute each agent stage in the backward pass
+      seed=0,  # adapter init, dropout
+  ))
+
+
+def lora_config() -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(
+      rank=8,
+      alpha=16.0,
+      dropout=0.0,
+      # Comma-separated names or regexes over q,k,v,o,gate,up,down (or q_proj, ...), or "all".
+      targets="all",
   ))
 
 
 def checkpoint_config() -> mlc.ConfigDict:
-  return mlc.ConfigDict(dict(every_steps=50, max_to_keep=2))
+  # every_updates: optimizer updates between saves (also saved at the end).
+  return mlc.ConfigDict(dict(every_updates=1, max_to_keep=2, async_save=True))
 
 
 def base_config() -> mlc.ConfigDict:
@@ -87,6 +121,7 @@ def base_config() -> mlc.ConfigDict:
       agents=agents_config(),
       eval=eval_config(),
       train=train_config(),
+      lora=lora_config(),
       checkpoint=checkpoint_config(),
       workdir="",
       seed=0,

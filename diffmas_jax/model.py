@@ -45,12 +45,16 @@ PROJ_EQ = {
 class LoRA:
   """Low-rank adapters on stacked layers: a[name]: [L, *in, r], b[name]: [L, r, *out].
 
-  `scale` (alpha / rank) is static metadata, so it never receives gradients.
+  `scale` (alpha / rank) and `dropout` are static metadata, so they never
+  receive gradients. `dropout_key` ([L] PRNG keys, training only; see
+  `lora.with_dropout`) turns on dropout of the adapter's input.
   """
 
   a: dict[str, Any]
   b: dict[str, Any]
   scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+  dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  dropout_key: Any = None
 
 
 def lora_einsums(eq: str) -> tuple[str, str]:
@@ -86,7 +90,12 @@ def _project(x, w, name: str, lora_layer: LoRA | None):
       *lead, *out_shape)
   if lora_layer is not None and name in lora_layer.a:
     eq_a, eq_b = lora_einsums(eq)
-    low = jnp.einsum(eq_a, x, lora_layer.a[name].astype(x.dtype))
+    xa = x
+    if lora_layer.dropout_key is not None:
+      key = jax.random.fold_in(lora_layer.dropout_key, list(PROJ_EQ).index(name))
+      keep = jax.random.bernoulli(key, 1.0 - lora_layer.dropout, x.shape)
+      xa = jnp.where(keep, x / (1.0 - lora_layer.dropout), 0).astype(x.dtype)
+    low = jnp.einsum(eq_a, xa, lora_layer.a[name].astype(x.dtype))
     y = y + (lora_layer.scale * jnp.einsum(eq_b, low, lora_layer.b[name].astype(x.dtype)))
   return y
 
@@ -177,6 +186,10 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
   # excludes the slots the new tokens are about to occupy.
   masks = (L.attention_mask(positions, cache.pos), L.attention_mask(positions, positions))
   inv_freq = L.rope_inv_freq(cfg)
+  if lora is not None and lora.dropout_key is not None:
+    # New masks for every call on the trace (each stage, latent step, solver pass).
+    lora = dataclasses.replace(lora, dropout_key=jax.vmap(
+        lambda k: jax.random.fold_in(k, cache.end))(lora.dropout_key))
 
   def body(x, xs):
     lw, lora_layer, k_l, v_l = xs

@@ -1,0 +1,197 @@
+"""The DiffMAS training job: data -> jitted, sharded steps -> checkpoints -> adapters.
+
+`run_training(cfg, model, workdir)` is what `python -m launch.train` calls
+after loading the model. Re-running it with the same config and workdir resumes
+from the latest finished checkpoint and ends with the same adapters as an
+uninterrupted run; a finished run returns at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from diffmas_jax import agents, checkpoint, data, lora as lora_lib, prompts, sharding, topology
+from diffmas_jax import train as train_lib
+from diffmas_jax.kv_cache import KVCache
+from diffmas_jax.loading import LoadedModel
+from diffmas_jax.logging_utils import MetricsLogger, plot_loss_curve
+from diffmas_jax.methods.latent_mas import pipeline_capacity
+from diffmas_jax.tasks import training_data
+
+log = logging.getLogger(__name__)
+
+# Test hook: SIGKILL ourselves right after starting the save of this micro-step
+# (the save is asynchronous, so the kill lands mid-save).
+KILL_AFTER_SAVE_ENV = "DIFFMAS_TEST_KILL_AFTER_SAVE"
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training stopped on a NaN/inf loss; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: Any  # trained adapters (train.Params)
+  updates: int
+  micro_steps: int
+  excluded_eval_ids: frozenset[str]
+  metrics_path: str
+  loss_png: str | None
+
+
+def training_examples(train_cfg: Any) -> tuple[list[training_data.TrainExample], frozenset[str]]:
+  """The configured recipe's examples, and ids to exclude from evaluation."""
+  kind, n, seed = train_cfg.data, train_cfg.num_examples, train_cfg.data_seed
+  if kind == "math":
+    return training_data.math_train(n, seed), frozenset()
+  if kind == "humaneval":
+    return training_data.humaneval_train(n, seed)
+  if kind == "commonsenseqa":
+    return training_data.commonsenseqa_train(n, seed), frozenset()
+  if kind == "jsonl":
+    if not train_cfg.data_path:
+      raise data.TrainDataError("train.data='jsonl' needs --config.train.data_path=FILE.jsonl")
+    examples = training_data.jsonl_pairs(train_cfg.data_path)
+    return (examples[:n] if n else examples), frozenset()
+  raise data.TrainDataError(f"train.data={kind!r}; expected math, humaneval, commonsenseqa or "
+                            "jsonl")
+
+
+def fingerprint(cfg: Any, model: LoadedModel) -> dict:
+  """What must not change between a run and its resumption."""
+  keep = {k: cfg.train[k] for k in cfg.train if k not in ()}
+  return json.loads(json.dumps(dict(model=model.source, dtype=model.cfg.dtype, train=keep,
+                                    lora=cfg.lora.to_dict(), agents=cfg.agents.to_dict(),
+                                    mesh=cfg.mesh.to_dict()), default=str))
+
+
+def _global(tree: Any, shardings: Any) -> Any:
+  """Host numpy (identical on every process) -> global arrays on the mesh."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+      np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
+
+
+def _batch_shardings(mesh, batch, rules=sharding.DEFAULT_RULES):
+  def one(x):
+    axes = ("batch", None) if x.ndim == 2 else (None, "batch", None)
+    return sharding.named_sharding(mesh, axes, x.shape, rules)
+  return jax.tree.map(one, batch)
+
+
+def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.Mesh,
+                 show_progress: bool = True) -> TrainResult:
+  """Trains the configured adapters; resumable (see module docstring)."""
+  tc = cfg.train
+  train_lib.check_grad_mode(tc.grad_mode)
+  lora_cfg = lora_lib.LoraConfig.from_config(cfg.lora)
+  roles = prompts.roles_from_config(cfg.agents)
+  spec = topology.TraceSpec(steps=tuple(r.latent_steps for r in roles),
+                            topology=cfg.agents.topology, trace_keep=cfg.agents.trace_keep,
+                            position_layout=cfg.agents.position_layout)
+  examples, excluded = training_examples(tc)
+  encoded = data.encode_examples(
+      model.tokenizer, examples, roles, max_prompt_tokens=tc.max_prompt_tokens,
+      max_target_tokens=tc.max_target_tokens, on_overlong=tc.on_overlong,
+      solver_text=prompts.solver_text(cfg.agents),
+      template_kwargs=prompts.template_kwargs(model.tokenizer, cfg.agents.enable_thinking))
+  total_micro = data.num_micro_steps(len(encoded), tc.epochs, tc.batch_size, tc.grad_accum)
+  total_updates = total_micro // tc.grad_accum
+  optimizer, schedule = train_lib.make_optimizer(tc, total_updates)
+
+  # Shardings: weights by their logical axes, batch over (data, fsdp), the rest replicated.
+  replicated = NamedSharding(mesh, P())
+  sample = encoded.take(np.arange(tc.batch_size) % len(encoded))
+  batch_sh = _batch_shardings(mesh, sample)
+  capacity = pipeline_capacity(sample, spec)
+  cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, tc.batch_size, 1), mesh)
+  weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
+  realigner = jax.device_put(agents.make_realigner(weights, cfg.agents.realign_lambda,
+                                                   cfg.agents.realign), replicated)
+  params = train_lib.init_params(model.cfg, lora_cfg, tc.grad_mode, spec.num_agents,
+                                 jax.random.key(tc.seed))
+  state = jax.device_put(train_lib.init_state(params, optimizer, tc.seed), replicated)
+  state_sh = jax.tree.map(lambda _: replicated, state)
+  step_fn = train_lib.make_train_step(
+      optimizer, schedule,
+      train_lib.StepConfig(model.cfg, spec, tc.grad_mode, tc.remat_stages, lora_cfg.dropout),
+      shardings=dict(state=state_sh, weights=sharding.weight_shardings(model.cfg, mesh),
+                     cache=cache_sh, batch=batch_sh, realigner=replicated,
+                     replicated=replicated))
+  make_cache = jax.jit(lambda: KVCache.init(model.cfg, tc.batch_size, capacity,
+                                            weights.embed.dtype), out_shardings=cache_sh)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 cfg.checkpoint.every_updates * tc.grad_accum,
+                                 cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
+  fp = fingerprint(cfg, model)
+  restored = ckpt.restore(checkpoint.abstract_like(state), fp)
+  if restored is not None:
+    state, _ = restored
+    log.info("resuming at micro-step %d of %d", int(state.step), total_micro)
+  start = int(state.step)
+  metrics_log = MetricsLogger(workdir)
+  kill_at = int(os.environ.get(KILL_AFTER_SAVE_ENV, "-1"))
+  if jax.process_index() == 0:
+    print(f"training {tc.grad_mode} adapters (r={lora_cfg.rank}, alpha={lora_cfg.alpha}, "
+          f"{lora_lib.num_params(params):,} parameters) on {len(encoded)} examples: "
+          f"{total_updates} updates x {tc.grad_accum} micro-steps of {tc.batch_size}; "
+          f"trace {spec.length(tc.max_prompt_tokens)} slots + solver "
+          f"{tc.max_prompt_tokens} + target {tc.max_target_tokens}")
+
+  window: list[dict] = []
+  bar = tqdm(total=total_micro, initial=start, unit="step", desc="train",
+             disable=not show_progress or jax.process_index() != 0)
+  t_window = time.perf_counter()
+  for micro in range(start, total_micro):
+    idx = data.micro_batch_indices(len(encoded), tc.batch_size, micro, tc.data_seed, tc.shuffle)
+    batch = _global(encoded.take(idx), batch_sh)
+    state, metrics = step_fn(state, weights, make_cache(), batch, realigner)
+    metrics = jax.device_get(metrics)
+    if not math.isfinite(float(metrics["loss"])):
+      ckpt.wait()
+      last = ckpt.latest_step()
+      raise NonFiniteLossError(
+          f"non-finite loss ({metrics['loss']}) at micro-step {micro} (examples "
+          f"{[encoded.ids[i] for i in idx]}); stopped without saving. The last good checkpoint "
+          f"is {'none' if last is None else f'micro-step {last}'} in {ckpt.directory}. Lower "
+          "--config.train.lr or check the data; rerunning resumes from that checkpoint.")
+    window.append(metrics)
+    bar.update(1)
+    done = micro + 1
+    if metrics["applied"]:
+      update = done // tc.grad_accum
+      seconds = time.perf_counter() - t_window
+      loss = float(np.mean([m["loss"] for m in window]))
+      tokens = float(np.sum([m["target_tokens"] for m in window]))
+      row = metrics_log.log(update, loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                            token_accuracy=float(np.mean([m["token_accuracy"] for m in window])),
+                            grad_norm=float(np.mean([m["grad_norm"] for m in window])),
+                            lr=float(metrics["lr"]), micro_step=done,
+                            target_tokens_per_s=tokens / max(seconds, 1e-9))
+      bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+      window, t_window = [], time.perf_counter()
+    if ckpt.should_save(done) or done == total_micro:
+      ckpt.save(done, state, {"fingerprint": fp, "micro_step": done, "updates":
+                              done // tc.grad_accum, "examples_seen": done * tc.batch_size})
+      if done == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+  bar.close()
+  ckpt.close()
+  png = None
+  if jax.process_index() == 0 and os.path.exists(metrics_log.path):
+    png = plot_loss_curve(metrics_log.path, os.path.join(workdir, "loss.png"))
+  return TrainResult(params=jax.device_get(state.params), updates=total_updates,
+                     micro_steps=total_micro, excluded_eval_ids=excluded,
+                     metrics_path=metrics_log.path, loss_png=png)
