@@ -16,7 +16,9 @@ def model_config() -> mlc.ConfigDict:
       # "embedded:smollm2-135m-instruct" (offline default), a local HF directory, or a hub id.
       source=EMBEDDED_MODEL,
       dtype="float32",  # parameter/activation dtype: float32 | bfloat16
-      remat="none",  # per-layer activation checkpointing: none | full | dots | dots_no_batch
+      # per-layer activation checkpointing (model.REMAT): none | full | dots | dots_no_batch |
+      # attn (keep attention outputs) | attn_mlp (and the MLP gate/up projections)
+      remat="none",
   ))
 
 

@@ -44,7 +44,10 @@ def quickstart_variant(cfg, *, eval_task: str, stand_in_for: str, eval_limit: in
   """The offline CPU job: embedded model, real data, small budgets."""
   cfg.model.source = "embedded:smollm2-135m-instruct"
   cfg.model.dtype = "float32"
+  # A 135M model's activations fit easily in RAM: recomputing them would only cost
+  # time (python -m bench.bench_train compares the remat settings).
   cfg.model.remat = "none"
+  cfg.train.remat_stages = False
   cfg.train.num_examples = num_examples
   cfg.train.epochs = 1.0
   cfg.train.grad_accum = 4

@@ -60,16 +60,29 @@ def realign(h: jax.Array, r: Realigner) -> jax.Array:
 def latent_steps(weights: Weights, cfg: ModelConfig, cache: KVCache, h: jax.Array,
                  realigner: Realigner, steps: int, lora: LoRA | None = None
                  ) -> tuple[KVCache, jax.Array]:
-  """Runs `steps` latent thoughts from hidden state h [B, D]; appends `steps` slots."""
+  """Runs `steps` latent thoughts from hidden state h [B, D]; appends `steps` slots.
+
+  The steps write into a `steps`-slot working cache and attend to `cache` as a
+  read-only context, so the scan carries (and reverse-mode AD saves per step)
+  only those few slots, not the whole trace.
+  """
+  if steps == 0:
+    return cache, h
+  take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, cache.end, steps, axis=axis)
+  work = KVCache(k=take(cache.k, 3), v=take(cache.v, 3), pos=take(cache.pos, 1),
+                 end=jnp.zeros((), jnp.int32))  # the (empty) slots the steps will fill
 
   def step(carry, _):
-    cache, h = carry
+    work, h = carry
     e = realign(h, realigner)[:, None]  # [B, 1, D]
-    out = model_lib.forward(weights, cfg, cache, embeds=e, lora=lora, logits="none")
+    out = model_lib.forward(weights, cfg, work, embeds=e, lora=lora, logits="none",
+                            context=cache)
     return (out.cache, out.hidden[:, -1]), None
 
-  (cache, h), _ = jax.lax.scan(step, (cache, h), None, length=steps)
-  return cache, h
+  (work, h), _ = jax.lax.scan(step, (work, h), None, length=steps)
+  put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new, cache.end, axis)
+  return KVCache(k=put(cache.k, work.k, 3), v=put(cache.v, work.v, 3),
+                 pos=put(cache.pos, work.pos, 1), end=cache.end + steps), h
 
 
 def agent_stage(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 FAMILIES = ("qwen3", "llama", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn", "attn_mlp")
 
 
 class UnsupportedConfigError(ValueError):

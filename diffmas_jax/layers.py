@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,9 +65,12 @@ def attention_mask(q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array:
 def attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
   """Grouped-query attention over one or more key/value blocks, softmax in f32.
 
-  Scores of all blocks share one softmax, which lets the decoder attend to the
-  (read-only) cache and the new tokens without first writing them into the
-  cache: the cache is then updated once, in place, after the layer scan.
+  All blocks share one softmax, so the decoder attends to the (read-only) cache
+  and the new tokens without first writing them into the cache: the cache is
+  then updated once, in place, after the layer scan. A single query (decode, a
+  latent step) scores each block separately, which avoids copying the cache;
+  several queries concatenate the blocks and go through `_attend`, whose
+  backward pass recomputes the probabilities instead of storing them.
 
   Args:
     q: [B, T, H, Dh].
@@ -80,19 +85,74 @@ def attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]
   # layouts through a much slower path (measured 1.8x on a 1024-token prefill).
   qc = (q * jnp.asarray(1.0 / np.sqrt(e), q.dtype)).reshape(b, t, kv_heads, g, e)
   qc = qc.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, e)
-  scores = []
-  for k, _, mask in blocks:
-    # [B, K, G, T, S_i]
-    s = jnp.matmul(qc, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
-    scores.append(jnp.where(mask[:, None, None], s.reshape(b, kv_heads, g, t, -1), MASK_VALUE))
-  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-  out = 0.0
-  offset = 0
-  for k, v, _ in blocks:
-    p = probs[..., offset:offset + k.shape[2]].astype(v.dtype).reshape(b, kv_heads, g * t, -1)
-    offset += k.shape[2]
-    out = out + jnp.matmul(p, v)  # [B, K, G*T, Dh]
+  if t == 1 and len(blocks) > 1:
+    out = _attend_blocks(qc, blocks, g)
+  else:
+    cat = lambda i, axis: (blocks[0][i] if len(blocks) == 1 else
+                           jnp.concatenate([blk[i] for blk in blocks], axis=axis))
+    out = _attend(qc, cat(0, 2), cat(1, 2), cat(2, 2), g)
   return out.reshape(b, kv_heads, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
+
+
+def _masked_scores(qc, k, mask, g):
+  """[B, K, G*T, S] f32 scores, MASK_VALUE where `mask` [B, T, S] is False."""
+  b, kv_heads, gt, _ = qc.shape
+  s = jnp.matmul(qc, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
+  s = jnp.where(mask[:, None, None], s.reshape(b, kv_heads, g, gt // g, -1), MASK_VALUE)
+  return s.reshape(b, kv_heads, gt, -1)
+
+
+def _attend_blocks(qc, blocks, g):
+  """Softmax over several key blocks scored separately (autodiff backward)."""
+  scores = [_masked_scores(qc, k, mask, g) for k, _, mask in blocks]
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+  out, offset = 0.0, 0
+  for k, v, _ in blocks:
+    out = out + jnp.matmul(probs[..., offset:offset + k.shape[2]].astype(v.dtype), v)
+    offset += k.shape[2]
+  return out  # [B, K, G*T, Dh]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(qc, k, v, mask, g):
+  """softmax(qc k^T, masked) v: qc [B, K, G*T, Dh] (pre-scaled), k, v [B, K, S, Dh]."""
+  return _attend_fwd(qc, k, v, mask, g)[0]
+
+
+def _attend_fwd(qc, k, v, mask, g):
+  s = _masked_scores(qc, k, mask, g)
+  m = jnp.max(s, axis=-1, keepdims=True)  # [B, K, G*T, 1]
+  p = jnp.exp(s - m)
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  # Normalising the [G*T, Dh] output is cheaper than normalising [G*T, S] probabilities.
+  out = (jnp.matmul(p.astype(v.dtype), v, preferred_element_type=jnp.float32) / total)
+  out = out.astype(v.dtype)
+  return out, (qc, k, v, mask, out, m, total)
+
+
+def _attend_bwd(g, res, d_out):
+  """The probabilities are recomputed from the saved row max and sum, never
+  stored (FlashAttention's backward): memory stays O(T * Dh) per layer."""
+  qc, k, v, mask, out, m, total = res
+  p = jnp.exp(_masked_scores(qc, k, mask, g) - m) / total  # [B, K, G*T, S]
+  # Products that contract over G*T are computed transposed (dv^T = d_out^T p),
+  # so only small [*, Dh] operands are transposed, never a [G*T, S] one:
+  # XLA:CPU would copy a transposed left-hand operand before the matmul.
+  t = lambda x: jnp.swapaxes(x, -1, -2)
+  d_out_t = t(d_out).astype(v.dtype)  # [B, K, Dh, G*T]
+  dv = t(jnp.matmul(d_out_t, p.astype(v.dtype), preferred_element_type=jnp.float32))
+  dp = jnp.matmul(d_out.astype(v.dtype), t(v), preferred_element_type=jnp.float32)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  # A query with no visible key (padding) averages v uniformly; its scores are
+  # constants, so nothing flows back to q or k from it.
+  has_key = m > MASK_VALUE / 2
+  ds = jnp.where(has_key, p * (dp - delta), 0.0).astype(qc.dtype)  # [B, K, G*T, S]
+  dq = jnp.matmul(ds, k, preferred_element_type=jnp.float32)
+  dk = t(jnp.matmul(t(qc), ds, preferred_element_type=jnp.float32))
+  return dq.astype(qc.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

@@ -10,25 +10,32 @@ layer axis is scanned alongside the weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from diffmas_jax import layers as L
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.params import Weights
 
+_save = jax.checkpoint_policies.save_only_these_names
 REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Named activations (see _layer): keep the attention output, recompute the rest.
+    "attn": _save("attn_out"),
+    # ... and the MLP's gate/up projections: only q/k/v and norms are recomputed.
+    "attn_mlp": _save("attn_out", "mlp_gate", "mlp_up"),
 }
 
-# Projection einsums. LoRA rewrites each into x->rank and rank->out halves.
+# Projection einsums (weights are [*in, *out]; LoRA adds scale * (x @ A) @ B on the flattened dims).
 PROJ_EQ = {
     "q": "btd,dhe->bthe",
     "k": "btd,dke->btke",
@@ -57,16 +64,6 @@ class LoRA:
   dropout_key: Any = None
 
 
-def lora_einsums(eq: str) -> tuple[str, str]:
-  """'btd,dhe->bthe' -> ('btd,dr->btr', 'btr,rhe->bthe')."""
-  lhs, out = eq.split("->")
-  x, w = lhs.split(",")
-  contracted = "".join(c for c in w if c in x)
-  produced = "".join(c for c in w if c not in x)
-  batch = "".join(c for c in x if c not in w)
-  return f"{x},{contracted}r->{batch}r", f"{batch}r,r{produced}->{out}"
-
-
 class ForwardOutput(NamedTuple):
   logits: jax.Array | None  # [B, T, V] f32 ("all"), [B, 1, V] ("last") or None
   hidden: jax.Array  # [B, T, D] final-norm hidden states
@@ -89,28 +86,56 @@ def _project(x, w, name: str, lora_layer: LoRA | None):
   y = (x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1)).reshape(
       *lead, *out_shape)
   if lora_layer is not None and name in lora_layer.a:
-    eq_a, eq_b = lora_einsums(eq)
     xa = x
     if lora_layer.dropout_key is not None:
       key = jax.random.fold_in(lora_layer.dropout_key, list(PROJ_EQ).index(name))
       keep = jax.random.bernoulli(key, 1.0 - lora_layer.dropout, x.shape)
       xa = jnp.where(keep, x / (1.0 - lora_layer.dropout), 0).astype(x.dtype)
-    low = jnp.einsum(eq_a, xa, lora_layer.a[name].astype(x.dtype))
-    y = y + (lora_layer.scale * jnp.einsum(eq_b, low, lora_layer.b[name].astype(x.dtype)))
+    a = lora_layer.a[name].astype(x.dtype)
+    b = lora_layer.b[name].astype(x.dtype)
+    delta = _low_rank(xa.reshape(-1, math.prod(in_shape)), a.reshape(-1, a.shape[-1]),
+                      b.reshape(b.shape[0], -1), lora_layer.scale)
+    y = y + delta.reshape(*lead, *out_shape)
   return y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank(x, a, b, scale):
+  """scale * (x @ a) @ b for x [N, in], a [in, r], b [r, out]."""
+  return scale * ((x @ a) @ b)
+
+
+def _low_rank_fwd(x, a, b, scale):
+  low = x @ a  # [N, r]
+  return scale * (low @ b), (x, a, b, low)
+
+
+def _low_rank_bwd(scale, res, g):
+  """Contractions over N are taken with the rank-r factor transposed, never the
+  [N, in] / [N, out] one: XLA:CPU otherwise copies a transposed activation."""
+  x, a, b, low = res
+  g = scale * g
+  d_low = g @ b.T  # [N, r]
+  d_b = low.T @ g  # [r, out]
+  d_a = (d_low.T @ x).T  # [in, r]
+  return d_low @ a.T, d_a, d_b
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
 def _layer(cfg: ModelConfig, inv_freq, positions, masks, x, lw, lora_layer, k_cache, v_cache,
-           fresh_cache: bool = False):
+           fresh_cache: bool = False, context_kv=None):
   """One decoder layer.
 
   Args:
     x: [B, T, D]; k_cache, v_cache: [B, K, S, Dh] read-only history.
-    masks: (cache_mask [B, T, S], self_mask [B, T, T]).
+    masks: (cache_mask [B, T, S], self_mask [B, T, T], context_mask [B, T, C] or None).
+    context_kv: optional (k, v) [B, K, C, Dh] of a read-only context before the cache.
   Returns:
     x [B, T, D] and the new tokens' k, v [B, K, T, Dh] (written by the caller).
   """
-  cache_mask, self_mask = masks
+  cache_mask, self_mask, context_mask = masks
   with jax.named_scope("attn"):
     h = L.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
     q = _project(h, lw.q, "q", lora_layer)  # [B, T, H, Dh]
@@ -128,18 +153,26 @@ def _layer(cfg: ModelConfig, inv_freq, positions, masks, x, lw, lora_layer, k_ca
     if fresh_cache:  # nothing to attend to in the cache: causal self-attention only
       attn = L.causal_self_attention(q, k, v, self_mask)
     else:
-      attn = L.attention(q, [(k_cache, v_cache, cache_mask), (k, v, self_mask)])
+      blocks = [(k_cache, v_cache, cache_mask), (k, v, self_mask)]
+      if context_kv is not None:
+        blocks.insert(0, (*context_kv, context_mask))
+      attn = L.attention(q, blocks)
+    attn = checkpoint_name(attn, "attn_out")
     x = x + _project(attn, lw.o, "o", lora_layer)
   with jax.named_scope("mlp"):
     h = L.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-    act = jax.nn.silu(_project(h, lw.gate, "gate", lora_layer)) * _project(h, lw.up, "up", lora_layer)
+    gate = checkpoint_name(_project(h, lw.gate, "gate", lora_layer), "mlp_gate")
+    up = checkpoint_name(_project(h, lw.up, "up", lora_layer), "mlp_up")
+    act = jax.nn.silu(gate) * up
     x = x + _project(act, lw.down, "down", lora_layer)
   return x, k, v
 
 
-def default_positions(cache: KVCache, valid: jax.Array) -> jax.Array:
+def default_positions(cache: KVCache, valid: jax.Array, context: KVCache | None = None
+                      ) -> jax.Array:
   """[B, T] positions continuing each row's sequence; -1 where `valid` is False."""
-  pos = cache.next_pos[:, None] + jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
+  start = cache.next_pos if context is None else jnp.maximum(cache.next_pos, context.next_pos)
+  pos = start[:, None] + jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
   return jnp.where(valid, pos, -1)
 
 
@@ -153,7 +186,8 @@ def lm_head(weights: Weights, hidden: jax.Array) -> jax.Array:
 def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.Array | None = None,
             embeds: jax.Array | None = None, valid: jax.Array | None = None,
             positions: jax.Array | None = None, lora: LoRA | None = None,
-            logits: str = "all", fresh_cache: bool = False) -> ForwardOutput:
+            logits: str = "all", fresh_cache: bool = False, append: bool = True,
+            context: KVCache | None = None) -> ForwardOutput:
   """Runs T new inputs on top of `cache` and appends their K/V at `cache.end`.
 
   Args:
@@ -169,6 +203,13 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     fresh_cache: static promise that the cache is empty and the new tokens are
       in position order (a first prefill): skips attending to the cache and the
       causal blocks above the diagonal. Wrong results if the promise is false.
+    append: False scores the inputs on top of `cache` without storing their K/V
+      (the returned cache is `cache`), so the cache needs no free slots for them:
+      teacher forcing in training attends only to the trace's own slots.
+    context: a read-only cache attended before `cache` (same layers, batch and
+      heads; default positions continue after both). Latent steps write into a
+      small `cache` of their own with the trace as context, so reverse-mode AD
+      keeps one copy of the trace instead of one per step.
   Returns:
     ForwardOutput(logits, hidden [B, T, D], cache).
   """
@@ -176,36 +217,46 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     raise ValueError("pass exactly one of tokens= or embeds=")
   x = weights.embed[tokens] if embeds is None else embeds.astype(weights.embed.dtype)
   b, t, _ = x.shape
-  _check_capacity(cache, t)
+  if append:
+    _check_capacity(cache, t)
   if valid is None:
     valid = jnp.ones((b, t), bool)
   if positions is None:
-    positions = default_positions(cache, valid)
+    positions = default_positions(cache, valid, context)
   positions = jnp.where(valid, positions, -1).astype(jnp.int32)
   # Slots at and after `end` are empty (pos -1), so the old cache's mask already
   # excludes the slots the new tokens are about to occupy.
-  masks = (L.attention_mask(positions, cache.pos), L.attention_mask(positions, positions))
+  masks = (L.attention_mask(positions, cache.pos), L.attention_mask(positions, positions),
+           None if context is None else L.attention_mask(positions, context.pos))
   inv_freq = L.rope_inv_freq(cfg)
   if lora is not None and lora.dropout_key is not None:
     # New masks for every call on the trace (each stage, latent step, solver pass).
+    slot = cache.end if context is None else cache.end + context.end
     lora = dataclasses.replace(lora, dropout_key=jax.vmap(
-        lambda k: jax.random.fold_in(k, cache.end))(lora.dropout_key))
+        lambda k: jax.random.fold_in(k, slot))(lora.dropout_key))
+  ctx_kv = None if context is None else (context.k, context.v)
 
   def body(x, xs):
-    lw, lora_layer, k_l, v_l = xs
-    x, k, v = _layer(cfg, inv_freq, positions, masks, x, lw, lora_layer, k_l, v_l, fresh_cache)
+    lw, lora_layer, k_l, v_l, ctx_l = xs
+    x, k, v = _layer(cfg, inv_freq, positions, masks, x, lw, lora_layer, k_l, v_l, fresh_cache,
+                     ctx_l)
     return x, (k, v)
 
-  if REMAT[cfg.remat] is not None:
+  # A single-token step (latent thought, decode) keeps only a few vectors per
+  # layer, so recomputing it would re-read every weight to save almost nothing.
+  if REMAT[cfg.remat] is not None and t > 1:
     body = jax.checkpoint(body, policy=REMAT[cfg.remat])
   # The cache is only read inside the scan; new K/V ([L, B, K, T, Dh]) are written
   # once afterwards, which XLA does in place instead of copying the cache per layer.
-  x, (k_new, v_new) = jax.lax.scan(body, x, (weights.layers, lora, cache.k, cache.v))
+  x, (k_new, v_new) = jax.lax.scan(body, x, (weights.layers, lora, cache.k, cache.v, ctx_kv))
   hidden = L.rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
-  write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, cache.end, axis=3)
-  new_cache = KVCache(k=write(cache.k, k_new), v=write(cache.v, v_new),
-                      pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, cache.end, axis=1),
-                      end=cache.end + t)
+  new_cache = cache
+  if append:
+    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, cache.end, axis=3)
+    new_cache = KVCache(k=write(cache.k, k_new), v=write(cache.v, v_new),
+                        pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, cache.end,
+                                                                axis=1),
+                        end=cache.end + t)
   if logits == "all":
     out = lm_head(weights, hidden)
   elif logits == "last":

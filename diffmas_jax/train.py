@@ -112,8 +112,10 @@ def solver_target_logits(params: Params, weights: Weights, cfg: ModelConfig, cac
     cache = jax.lax.stop_gradient(cache)
   tokens = jnp.concatenate([batch.solver_tokens, batch.target_tokens[:, :-1]], axis=1)
   valid = jnp.concatenate([batch.solver_valid, batch.target_valid[:, :-1]], axis=1)
+  # Scored, not stored: the cache needs only the trace's slots (`trace_capacity`),
+  # and the solver attends to no empty ones.
   out = model_lib.forward(weights, cfg, cache, tokens=tokens, valid=valid, lora=solver,
-                          logits="none")
+                          logits="none", append=False)
   ts = batch.solver_tokens.shape[1]
   return model_lib.lm_head(weights, out.hidden[:, ts - 1:])
 

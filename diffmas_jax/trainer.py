@@ -27,7 +27,7 @@ from diffmas_jax import train as train_lib
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.loading import LoadedModel
 from diffmas_jax.logging_utils import MetricsLogger, plot_loss_curve
-from diffmas_jax.methods.latent_mas import pipeline_capacity
+from diffmas_jax.methods.latent_mas import trace_capacity
 from diffmas_jax.tasks import training_data
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   replicated = NamedSharding(mesh, P())
   sample = encoded.take(np.arange(tc.batch_size) % len(encoded))
   batch_sh = _batch_shardings(mesh, sample)
-  capacity = pipeline_capacity(sample, spec)
+  capacity = trace_capacity(sample, spec)
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, tc.batch_size, 1), mesh)
   weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
   realigner = jax.device_put(agents.make_realigner(weights, cfg.agents.realign_lambda,

@@ -27,7 +27,7 @@ def main(argv):
   del argv
   import jax
 
-  from diffmas_jax import peft_io, train as train_lib
+  from diffmas_jax import train as train_lib
   from diffmas_jax.evaluation import evaluate
   from diffmas_jax.loading import load_model
   from diffmas_jax.tasks import load_task
@@ -54,6 +54,7 @@ def main(argv):
   result = run_training(cfg, model, workdir, mesh)
   adapters = train_lib.adapters_for(result.params, cfg.train.grad_mode)
   if jax.process_index() == 0:
+    from diffmas_jax import peft_io
     peft_io.save_trained_adapters(f"{workdir}/adapter", model.cfg, adapters,
                                   [r.strip() for r in _roles(cfg)], alpha=cfg.lora.alpha,
                                   dropout=cfg.lora.dropout, base_model=cfg.model.source)
@@ -73,5 +74,22 @@ def _roles(cfg):
   return roles.split(",") if isinstance(roles, str) else list(roles)
 
 
+def _main_with_clear_errors(argv):
+  """Known user errors end with their message (exit 2), not a traceback."""
+  import sys
+
+  from diffmas_jax.checkpoint import CheckpointMismatchError
+  from diffmas_jax.data import TrainDataError
+  from diffmas_jax.loading import ModelNotFoundError
+  from diffmas_jax.tasks.records import TaskDataMissingError, TaskFormatError
+  from diffmas_jax.trainer import NonFiniteLossError
+  try:
+    main(argv)
+  except (CheckpointMismatchError, TrainDataError, ModelNotFoundError, TaskDataMissingError,
+          TaskFormatError, NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main_with_clear_errors)

@@ -214,7 +214,7 @@ def test_teacher_forcing_reproduces_greedy_decoding(ctx):
   outs = latent_mas.run(ctx, recs)
   batch = latent_mas.encode_pipeline(m.tokenizer, recs, ctx.roles, bucket=ctx.bucket,
                                      targets=[o.text for o in outs])
-  cache = KVCache.init(m.cfg, len(recs), latent_mas.pipeline_capacity(batch, ctx.spec))
+  cache = KVCache.init(m.cfg, len(recs), latent_mas.trace_capacity(batch, ctx.spec))
   logits = teacher_forced_logits(m.weights, m.cfg, cache, batch.as_jax(),
                                             ctx.realigner, ctx.spec)
   pred = np.asarray(jnp.argmax(logits, -1))

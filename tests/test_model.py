@@ -142,7 +142,36 @@ def test_truncated_cache_equals_running_on_kept_tokens(qwen3, rng):
   assert np.abs(np.asarray(with_junk) - np.asarray(ref)).max() > 1e-3
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_scoring_without_append_equals_appending(qwen3, rng):
+  cfg, weights = qwen3
+  prefix, query = (jnp.asarray(rng.randint(0, cfg.vocab_size, (2, n))) for n in (5, 4))
+  exact = model_lib.forward(weights, cfg, KVCache.init(cfg, 2, 5), tokens=prefix).cache
+  roomy = model_lib.forward(weights, cfg, KVCache.init(cfg, 2, 9), tokens=prefix).cache
+  scored = model_lib.forward(weights, cfg, exact, tokens=query, append=False)
+  appended = model_lib.forward(weights, cfg, roomy, tokens=query)
+  np.testing.assert_allclose(np.asarray(scored.logits), np.asarray(appended.logits), atol=1e-5)
+  assert scored.cache is exact and int(scored.cache.end) == 5
+
+
+def test_context_cache_equals_one_cache(qwen3, rng):
+  """Steps written into a small cache with the trace as read-only context (latent
+  steps do this) equal the same steps appended to one cache."""
+  cfg, weights = qwen3
+  prefix = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 6)))
+  steps = [jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 1))) for _ in range(3)]
+  big = model_lib.forward(weights, cfg, KVCache.init(cfg, 2, 9), tokens=prefix).cache
+  context = model_lib.forward(weights, cfg, KVCache.init(cfg, 2, 6), tokens=prefix).cache
+  work = KVCache.init(cfg, 2, 3)
+  for tok in steps:
+    one = model_lib.forward(weights, cfg, big, tokens=tok)
+    two = model_lib.forward(weights, cfg, work, tokens=tok, context=context)
+    np.testing.assert_allclose(np.asarray(two.logits), np.asarray(one.logits), atol=1e-5)
+    big, work = one.cache, two.cache
+  np.testing.assert_allclose(np.asarray(work.k), np.asarray(big.k[..., 6:, :]), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(work.pos), np.asarray(big.pos[:, 6:]))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "attn", "attn_mlp"])
 def test_remat_keeps_values_and_gradients(qwen3, rng, remat):
   cfg, weights = qwen3
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, 6)))

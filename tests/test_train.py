@@ -12,7 +12,7 @@ import pytest
 from diffmas_jax import agents, data, lora as lora_lib, topology, train
 from diffmas_jax.config import tiny_config
 from diffmas_jax.kv_cache import KVCache
-from diffmas_jax.methods.latent_mas import pipeline_capacity
+from diffmas_jax.methods.latent_mas import trace_capacity
 from diffmas_jax.params import init_weights
 from diffmas_jax.prompts import AgentRole
 from diffmas_jax.tasks.training_data import TrainExample
@@ -50,7 +50,7 @@ def _random_lora(key, stacked=None):
 
 
 def _loss(params, batch, spec, mode, remat=False):
-  cache = KVCache.init(CFG, batch.solver_tokens.shape[0], pipeline_capacity(batch, spec))
+  cache = KVCache.init(CFG, batch.solver_tokens.shape[0], trace_capacity(batch, spec))
   return train.loss_fn(params, WEIGHTS, CFG, cache, batch.as_jax(), REALIGNER, spec, mode,
                        remat)[0]
 
@@ -121,7 +121,7 @@ def _run_steps(mode, enc, spec, steps, tc, mesh=None, batch_size=4):
   state = train.init_state(params, opt, 0)
   sc = train.StepConfig(CFG, spec, mode, remat=True)
   batch = enc.take(np.arange(batch_size) % len(enc))
-  capacity = pipeline_capacity(batch, spec)
+  capacity = trace_capacity(batch, spec)
   if mesh is None:
     step = train.make_train_step(opt, sched, sc)
     weights, realigner, jb = WEIGHTS, REALIGNER, batch.as_jax()

@@ -100,17 +100,23 @@ def encode_pipeline(tokenizer: Any, records: Sequence[Record],
 
 
 def pipeline_capacity(batch: PipelineBatch, spec: topology.TraceSpec, new_tokens: int = 0) -> int:
-  """Cache slots for the trace + solver prompt (+ targets) + `new_tokens` decoded."""
-  targets = 0 if batch.target_tokens is None else batch.target_tokens.shape[1]
-  return spec.length(batch.prompt_width) + batch.solver_tokens.shape[1] + targets + new_tokens
+  """Cache slots for the trace + solver prompt + `new_tokens` decoded (inference)."""
+  return trace_capacity(batch, spec) + batch.solver_tokens.shape[1] + new_tokens
+
+
+def trace_capacity(batch: PipelineBatch, spec: topology.TraceSpec) -> int:
+  """Cache slots for the upstream trace alone: all that teacher forcing needs,
+  since the solver's prompt and targets are scored without being stored."""
+  return spec.length(batch.prompt_width)
 
 
 def solver_prefill(weights: Weights, cfg: ModelConfig, cache: KVCache, batch: PipelineBatch,
                    realigner: agents.Realigner, spec: topology.TraceSpec,
                    lora: LoRA | topology.AgentLoRA | None = None, remat: bool = False,
                    with_targets: bool = False) -> model_lib.ForwardOutput:
-  """Builds the trace, then prefills the solver prompt (and, if asked, the
-  targets but their last token) on top of it; logits are not computed."""
+  """Builds the trace, then prefills the solver prompt on top of it; logits are
+  not computed. `with_targets`: also the targets but their last token, scored
+  without storing their K/V (the returned cache then holds the trace only)."""
   _, _, solver_lora = topology.split_lora(lora)
   cache, _ = topology.build(weights, cfg, cache, batch.agent_tokens, batch.agent_valid,
                             realigner, spec, lora, remat)
@@ -119,7 +125,7 @@ def solver_prefill(weights: Weights, cfg: ModelConfig, cache: KVCache, batch: Pi
     tokens = jnp.concatenate([tokens, batch.target_tokens[:, :-1]], axis=1)
     valid = jnp.concatenate([valid, batch.target_valid[:, :-1]], axis=1)
   return model_lib.forward(weights, cfg, cache, tokens=tokens, valid=valid, lora=solver_lora,
-                           logits="none")
+                           logits="none", append=not with_targets)
 
 
 def teacher_forced_logits(weights: Weights, cfg: ModelConfig, cache: KVCache,
@@ -128,8 +134,9 @@ def teacher_forced_logits(weights: Weights, cfg: ModelConfig, cache: KVCache,
                           remat: bool = False) -> jax.Array:
   """[B, U, V] f32 logits predicting `batch.target_tokens`, conditioned on the whole trace.
 
-  `cache` must be empty with `pipeline_capacity(batch, spec)` slots; create it
-  outside jit (`KVCache.init`) so XLA does not constant-fold attention over zeros.
+  `cache` must be empty with `trace_capacity(batch, spec)` slots (more work
+  too, at the cost of attending over empty ones); create it outside jit
+  (`KVCache.init`) so XLA does not constant-fold attention over zeros.
   Mask the loss with `batch.target_valid`.
   """
   out = solver_prefill(weights, cfg, cache, batch, realigner, spec, lora, remat, with_targets=True)
