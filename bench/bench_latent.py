@@ -79,30 +79,18 @@ def torch_worker(hf_dir: str) -> dict:
   """The straightforward loop: prefill with past_key_values, realigned inputs_embeds."""
   import torch
   import transformers
+  from bench import torch_pipeline
   from diffmas_jax.tokenizer import Tokenizer
   batch = _inputs(Tokenizer.from_pretrained(hf_dir))
   agent_ids = [row[0][valid[0]].tolist() for row, valid in zip(batch.agent_tokens,
                                                                batch.agent_valid)]
   solver_ids = batch.solver_tokens[0][batch.solver_valid[0]].tolist()
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-  w_in = model.get_input_embeddings().weight.float()
-  w_out = model.get_output_embeddings().weight.float()
-  w_a = torch.linalg.solve(w_out.T @ w_out + 1e-5 * torch.eye(w_in.shape[1]), w_out.T @ w_in)
-  target = w_in.norm(dim=1).mean()
+  w_a, target = torch_pipeline.realigner(model)
 
   @torch.inference_mode()
   def run():
-    past = None
-    for ids in agent_ids:
-      out = model(input_ids=torch.tensor([ids]), past_key_values=past, use_cache=True,
-                  output_hidden_states=True)
-      past, h = out.past_key_values, out.hidden_states[-1][:, -1]
-      for _ in range(STEPS):
-        e = h @ w_a
-        e = e * (target / e.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-        out = model(inputs_embeds=e[:, None], past_key_values=past, use_cache=True,
-                    output_hidden_states=True)
-        past, h = out.past_key_values, out.hidden_states[-1][:, -1]
+    past = torch_pipeline.build_trace(model, agent_ids, STEPS, w_a, target)
     out = model(input_ids=torch.tensor([solver_ids]), past_key_values=past, use_cache=True)
     for _ in range(NEW):
       nxt = out.logits[:, -1].argmax(-1, keepdim=True)

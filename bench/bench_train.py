@@ -134,6 +134,7 @@ def torch_worker(hf_dir: str) -> dict:
   import peft
   import torch
   import transformers
+  from bench import torch_pipeline
   from diffmas_jax.tokenizer import Tokenizer
 
   enc = _encoded(Tokenizer.from_pretrained(hf_dir), ROLES)
@@ -146,27 +147,12 @@ def torch_worker(hf_dir: str) -> dict:
       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                       "down_proj"]))
   model.train()
-  with torch.no_grad():
-    w_in = base.get_input_embeddings().weight.float()
-    w_out = base.get_output_embeddings().weight.float()
-    gram = w_out.T @ w_out + 1e-5 * torch.eye(w_out.shape[1])
-    w_a = torch.linalg.solve(gram, w_out.T @ w_in)
-    target_norm = w_in.norm(dim=-1).mean()
+  w_a, target_norm = torch_pipeline.realigner(base)
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5,
                           weight_decay=0.0)
 
   def step():
-    past = None
-    for ids in agent_ids:
-      out = model(input_ids=torch.tensor([ids]), past_key_values=past, use_cache=True,
-                  output_hidden_states=True)
-      past, h = out.past_key_values, out.hidden_states[-1][:, -1]
-      for _ in range(STEPS):
-        e = h @ w_a
-        e = e * (target_norm / e.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-        out = model(inputs_embeds=e[:, None], past_key_values=past, use_cache=True,
-                    output_hidden_states=True)
-        past, h = out.past_key_values, out.hidden_states[-1][:, -1]
+    past = torch_pipeline.build_trace(model, agent_ids, STEPS, w_a, target_norm)
     ids = torch.tensor([solver_ids + target_ids[:-1]])
     logits = model(input_ids=ids, past_key_values=past, use_cache=True).logits
     pred = logits[0, len(solver_ids) - 1:]

@@ -165,8 +165,10 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
       raise NonFiniteLossError(
           f"non-finite loss ({metrics['loss']}) at micro-step {micro} (examples "
           f"{[encoded.ids[i] for i in idx]}); stopped without saving. The last good checkpoint "
-          f"is {'none' if last is None else f'micro-step {last}'} in {ckpt.directory}. Lower "
-          "--config.train.lr or check the data; rerunning resumes from that checkpoint.")
+          f"is {'none' if last is None else f'micro-step {last}'} in {ckpt.directory}; "
+          "rerunning the same command resumes from it. To retry with a lower "
+          "--config.train.lr (or other data), use a new --workdir: a changed config "
+          "never continues an old run's checkpoints.")
     window.append(metrics)
     bar.update(1)
     done = micro + 1

@@ -62,6 +62,12 @@ def test_extract_math_prefers_box_then_number():
     ("the answer is a tricky one", "ABCD", ""),  # lower-case "a" is an article
     ("The answer is E", "ABCDE", "E"),
     ("no letter here", "ABCD", ""),
+    # Restating the options is not answering with the last one.
+    ("A. the control\nB. the hypothesis\nC. the dependent variable\nD. the independent variable",
+     "ABCD", ""),
+    ("Options:\nA. red\nB. blue\nC. green\nD. pink\nI pick B.", "ABCD", "B"),
+    ("A. red\nB. blue\nC. green\nD. pink\nThe correct answer is D. pink", "ABCD", "D"),
+    ("B. blue is right, C. is not", "ABCD", "C"),  # no A-first listing: kept
 ])
 def test_extract_choice(text, letters, expected):
   assert extract_choice(text, letters) == expected

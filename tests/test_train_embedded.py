@@ -34,7 +34,7 @@ def test_embedded_model_loss_on_16_math_items_falls_over_20_steps():
   params = train.init_params(m.cfg, lora_lib.LoraConfig(rank=8, alpha=16.0), "shared", 1,
                              jax.random.key(0))
   state = train.init_state(params, opt, 0)
-  step = train.make_train_step(opt, sched, train.StepConfig(m.cfg, spec, "shared"))
+  step = train.make_train_step(opt, sched, train.StepConfig(m.cfg, spec, "shared", remat=False))
   big_cache = lambda: KVCache.init(m.cfg, 16, trace_capacity(everything, spec))
   before = float(mean_loss(state.params, everything.as_jax(), big_cache()))
   one = enc.take(keep[:1])

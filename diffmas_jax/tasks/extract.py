@@ -84,7 +84,9 @@ def extract_choice(text: str, letters: str = LETTERS) -> str:
 
   Order: the last boxed content; explicit statements ("the answer is (B)",
   "**Answer: C**", "correct option is D"); finally the last standalone letter,
-  preferring marked forms like "(B)" or "B." over a bare "B". Letters outside
+  preferring marked forms like "(B)" or "B." over a bare "B", after dropping
+  lines that merely restate the options ("A. ...", "B. ...", "C. ...", in
+  order), whose last label would otherwise read as an answer. Letters outside
   `letters` are ignored, so the pronoun "I" is not read as option I when there
   are only four options.
 
@@ -107,11 +109,32 @@ def extract_choice(text: str, letters: str = LETTERS) -> str:
     hits = [h for h in hits if h in letters]  # IGNORECASE must not turn "a" into "A"
     if hits:
       return hits[-1]
+  text = _without_option_echo(text, letters)
   marked = re.findall(rf"(?:\(({cls})\)|\b({cls})[\.\):](?!\w))", text)
   if marked:
     return "".join(marked[-1])
   bare = re.findall(rf"\b({cls})\b", text)
   return bare[-1] if bare else ""
+
+
+def _without_option_echo(text: str, letters: str) -> str:
+  """Drops runs of >= 3 lines labelled with consecutive letters from the first one."""
+  lines = text.split("\n")
+  labels = []
+  for line in lines:
+    m = re.match(r"\s*\(?([A-Z])[\.\):]\s", line)
+    labels.append(letters.find(m.group(1)) if m else -1)  # option index, -1 = not a label
+  keep, i = [], 0
+  while i < len(lines):
+    j = i + 1
+    while labels[i] == 0 and j < len(lines) and labels[j] == labels[j - 1] + 1:
+      j += 1
+    if labels[i] == 0 and j - i >= 3:
+      i = j
+      continue
+    keep.append(lines[i])
+    i += 1
+  return "\n".join(keep)
 
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
