@@ -208,7 +208,7 @@ def main(argv):
           mod = importlib.import_module(f"bench.bench_{suite}")
         except ModuleNotFoundError:
           raise SystemExit(f"benchmark suite {suite!r} is not available (bench/bench_{suite}.py "
-                           "does not exist); available: core")
+                           "does not exist); available: core, latent, train")
         results[suite] = mod.run(hf_dir)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
