@@ -125,12 +125,13 @@ def _probe(cmd: list[str], **popen_kwargs) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _can_drop_privileges(python: str | None) -> bool:
-  """Root, and `nobody` can start this interpreter and read the prelude (neither
-  holds when they live under a private /root, as on some dev machines)."""
+  """Root, and `nobody` can start this interpreter (not when it lives under a
+  private /root). The prelude is copied next to each program, so where this
+  package is installed does not matter."""
   if os.name != "posix" or os.geteuid() != 0:
     return False
-  return _probe(_python_cmd(python) + ["-c", f"open({PRELUDE!r}).close()"], user=_NOBODY,
-                group=_NOBODY, extra_groups=[])
+  return _probe(_python_cmd(python) + ["-c", "pass"], user=_NOBODY, group=_NOBODY,
+                extra_groups=[])
 
 
 @functools.lru_cache(maxsize=None)
@@ -267,7 +268,9 @@ def run_code(program: str, timeout_s: float | None = None, memory_mb: int | None
     out_path, err_path = os.path.join(base, "stdout"), os.path.join(base, "stderr")
     settings = json.dumps({"rlimits": _rlimits(cfg, drop), "audit_hook": cfg.audit_hook,
                            "as_main": as_main})
-    cmd = _python_cmd(cfg.python) + [PRELUDE, program_path, settings]
+    # A copy beside the program: `nobody` may not be able to read the installed one.
+    prelude_path = shutil.copy(PRELUDE, os.path.join(base, "prelude.py"))
+    cmd = _python_cmd(cfg.python) + [prelude_path, program_path, settings]
     if netns:
       cmd = ["unshare", "-rn"] + cmd
     ids = {}
