@@ -97,6 +97,10 @@ def train_config() -> mlc.ConfigDict:
       max_target_tokens=512,  # solver target (+ eos), padded to this
       on_overlong="truncate",  # truncate (warn: cut targets, drop long prompts) | error
       remat_stages=True,  # recompute each agent stage in the backward pass
+      # > 0: also log `probe_loss`, the loss on the first N training examples (fixed,
+      # no dropout), before training and after every update: a curve that is not
+      # confounded by each update seeing new examples.
+      probe_examples=0,
       seed=0,  # adapter init, dropout
   ))
 

@@ -53,6 +53,7 @@ def quickstart_variant(cfg, *, eval_task: str, stand_in_for: str, eval_limit: in
   cfg.train.grad_accum = 4
   cfg.train.lr = 5e-4  # few updates: a larger step than the paper's 5e-5 so the adapter moves
   cfg.train.warmup_ratio = 0.0
+  cfg.train.probe_examples = 4  # one epoch of new examples per update: loss alone is noisy
   cfg.train.max_prompt_tokens = 192
   cfg.train.max_target_tokens = 192
   cfg.agents.latent_steps = 4

@@ -88,13 +88,15 @@ def read_metrics(path: str) -> list[dict]:
   return rows
 
 
-def plot_loss_curve(metrics_jsonl: str, png_path: str, key: str = "loss") -> str:
+def plot_loss_curve(metrics_jsonl: str, png_path: str, key: str = "loss",
+                    also: tuple[str, ...] = ()) -> str:
   """Plots `key` against step (with a moving average once there are many points).
 
   Args:
     metrics_jsonl: a file written by `MetricsLogger`.
     png_path: where the PNG goes.
     key: which metric to plot.
+    also: further metrics drawn on the same axes where present (e.g. probe_loss).
   Returns:
     png_path.
   """
@@ -111,11 +113,20 @@ def plot_loss_curve(metrics_jsonl: str, png_path: str, key: str = "loss") -> str
   ax = fig.add_subplot()
   ax.plot(steps, values, marker="o" if len(rows) < 30 else None, alpha=0.45 if
           len(rows) >= 50 else 1.0, label=key)
+  legend = False
   if len(rows) >= 50:
     window = max(5, len(rows) // 25)
     smooth = [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
               for i in range(len(values))]
     ax.plot(steps, smooth, label=f"{key} (mean of last {window})")
+    legend = True
+  for extra in also:
+    points = [(r["step"], r[extra]) for r in read_metrics(metrics_jsonl)
+              if isinstance(r.get(extra), (int, float)) and math.isfinite(r[extra])]
+    if points:
+      ax.plot(*zip(*points), marker="s" if len(points) < 30 else None, label=extra)
+      legend = True
+  if legend:
     ax.legend(fontsize=8)
   ax.set_xlabel("step")
   ax.set_ylabel(key)

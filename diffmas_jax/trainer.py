@@ -90,6 +90,21 @@ def _batch_shardings(mesh, batch, rules=sharding.DEFAULT_RULES):
   return jax.tree.map(one, batch)
 
 
+def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realigner):
+  """params -> mean loss on the first `tc.probe_examples` examples, or None.
+
+  Runs in micro-batches of the training shape (same shardings), without dropout.
+  """
+  n = min(int(tc.probe_examples), len(encoded))
+  if n <= 0:
+    return None
+  chunks = [_global(encoded.take(np.arange(i, i + tc.batch_size) % n), batch_sh)
+            for i in range(0, n, tc.batch_size)]
+  loss = jax.jit(lambda params, batch, cache: train_lib.loss_fn(
+      params, weights, cfg, cache, batch, realigner, spec, tc.grad_mode, remat=False)[0])
+  return lambda params: float(np.mean([loss(params, c, make_cache()) for c in chunks]))
+
+
 def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.Mesh,
                  show_progress: bool = True) -> TrainResult:
   """Trains the configured adapters; resumable (see module docstring)."""
@@ -131,6 +146,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
                      replicated=replicated))
   make_cache = jax.jit(lambda: KVCache.init(model.cfg, tc.batch_size, capacity,
                                             weights.embed.dtype), out_shardings=cache_sh)
+  probe = _probe_loss_fn(tc, model.cfg, spec, encoded, batch_sh, weights, make_cache, realigner)
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  cfg.checkpoint.every_updates * tc.grad_accum,
@@ -153,6 +169,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   window: list[dict] = []
   bar = tqdm(total=total_micro, initial=start, unit="step", desc="train",
              disable=not show_progress or jax.process_index() != 0)
+  if probe and start == 0:
+    metrics_log.log(0, probe_loss=probe(state.params))
   t_window = time.perf_counter()
   for micro in range(start, total_micro):
     idx = data.micro_batch_indices(len(encoded), tc.batch_size, micro, tc.data_seed, tc.shuffle)
@@ -182,6 +200,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
                             grad_norm=float(np.mean([m["grad_norm"] for m in window])),
                             lr=float(metrics["lr"]), micro_step=done,
                             target_tokens_per_s=tokens / max(seconds, 1e-9))
+      if probe:
+        metrics_log.log(update, probe_loss=probe(state.params))
       bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
       window, t_window = [], time.perf_counter()
     if ckpt.should_save(done) or done == total_micro:
@@ -193,7 +213,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   ckpt.close()
   png = None
   if jax.process_index() == 0 and os.path.exists(metrics_log.path):
-    png = plot_loss_curve(metrics_log.path, os.path.join(workdir, "loss.png"))
+    png = plot_loss_curve(metrics_log.path, os.path.join(workdir, "loss.png"),
+                          also=("probe_loss",))
   return TrainResult(params=jax.device_get(state.params), updates=total_updates,
                      micro_steps=total_micro, excluded_eval_ids=excluded,
                      metrics_path=metrics_log.path, loss_png=png)
