@@ -13,10 +13,8 @@ reported separately).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -124,12 +122,9 @@ def main(argv):
     fn = {"jax": jax_worker, "torch": torch_worker}[FLAGS.latent_worker]
     print(json.dumps(fn(FLAGS.latent_hf_dir)))
     return
-  if FLAGS.latent_hf_dir:
-    run(FLAGS.latent_hf_dir)
-    return
-  from diffmas_jax.loading import export_hf_dir, load_model
-  with tempfile.TemporaryDirectory() as tmp:
-    run(export_hf_dir(load_model(), os.path.join(tmp, "hf")))
+  from bench import model_dir
+  with model_dir(FLAGS.latent_hf_dir) as hf_dir:
+    run(hf_dir)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,9 @@ temporaries) with 1, 2, 4 and 8 upstream agents before the solver.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -235,12 +233,9 @@ def main(argv):
     fn = {"jax": jax_worker, "torch": torch_worker, "memory": memory_worker}[FLAGS.train_worker]
     print(json.dumps(fn(FLAGS.train_hf_dir)))
     return
-  if FLAGS.train_hf_dir:
-    run(FLAGS.train_hf_dir)
-    return
-  from diffmas_jax.loading import export_hf_dir, load_model
-  with tempfile.TemporaryDirectory() as tmp:
-    run(export_hf_dir(load_model(), os.path.join(tmp, "hf")))
+  from bench import model_dir
+  with model_dir(FLAGS.train_hf_dir) as hf_dir:
+    run(hf_dir)
 
 
 if __name__ == "__main__":

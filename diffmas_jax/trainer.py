@@ -93,16 +93,20 @@ def _batch_shardings(mesh, batch, rules=sharding.DEFAULT_RULES):
 def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realigner):
   """params -> mean loss on the first `tc.probe_examples` examples, or None.
 
-  Runs in micro-batches of the training shape (same shardings), without dropout.
+  Runs in micro-batches of the training shape (same shardings; the last one
+  wraps around to fill it), without dropout.
   """
   n = min(int(tc.probe_examples), len(encoded))
   if n <= 0:
     return None
   chunks = [_global(encoded.take(np.arange(i, i + tc.batch_size) % n), batch_sh)
             for i in range(0, n, tc.batch_size)]
-  loss = jax.jit(lambda params, batch, cache: train_lib.loss_fn(
+  # Weights and realigner are arguments, not closed over: jit would bake them
+  # into the program as constants.
+  loss = jax.jit(lambda params, weights, batch, cache, realigner: train_lib.loss_fn(
       params, weights, cfg, cache, batch, realigner, spec, tc.grad_mode, remat=False)[0])
-  return lambda params: float(np.mean([loss(params, c, make_cache()) for c in chunks]))
+  return lambda params: float(np.mean([loss(params, weights, c, make_cache(), realigner)
+                                       for c in chunks]))
 
 
 def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.Mesh,

@@ -15,7 +15,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -194,11 +193,8 @@ def main(argv):
     print(json.dumps(fn(FLAGS.hf_dir)))
     return
   results = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    hf_dir = FLAGS.hf_dir
-    if not hf_dir:
-      from diffmas_jax.loading import export_hf_dir, load_model
-      hf_dir = export_hf_dir(load_model(), os.path.join(tmp, "hf"))
+  from bench import model_dir
+  with model_dir(FLAGS.hf_dir) as hf_dir:
     for suite in FLAGS.suites.split(","):
       if suite == "core":
         results["core"] = core_suite(hf_dir)
