@@ -79,36 +79,71 @@ _MC_PATTERNS = [
 ]
 
 
-def extract_choice(text: str, letters: str = LETTERS) -> str:
+# "the answer is (c)", "Answer: c." : a lower-case letter only where it cannot be a word.
+_MC_LOWER = (r"answer\s*(?:is|:)\s*\**\s*(?:option\s*)?(?:[\(\[](<l>)[\)\]]|(<l>)\)|(<l>)\.?\**\s*$)")
+_MC_TEXT = r"answer\s*(?:is|:)\s*\**\s*([^\n]+)"
+
+
+def _normalize_option(text: str) -> str:
+  text = re.sub(r"\\text(?:bf|it)?\{([^{}]*)\}", r"\1", text)
+  return re.sub(r"[\s*_`$.,:;!?\"']+", " ", text).strip().lower()
+
+
+def _choice_by_text(answer: str, letters: str, choices) -> str:
+  """The letter whose option text is exactly `answer` (case and punctuation aside)."""
+  wanted = _normalize_option(answer)
+  hits = [letters[i] for i, c in enumerate(choices[:len(letters)])
+          if wanted and _normalize_option(c) == wanted]
+  return hits[0] if len(hits) == 1 else ""
+
+
+def extract_choice(text: str, letters: str = LETTERS, choices=()) -> str:
   """A multiple-choice letter.
 
-  Order: the last boxed content; explicit statements ("the answer is (B)",
-  "**Answer: C**", "correct option is D"); finally the last standalone letter,
-  preferring marked forms like "(B)" or "B." over a bare "B", after dropping
-  lines that merely restate the options ("A. ...", "B. ...", "C. ...", in
-  order), whose last label would otherwise read as an answer. Letters outside
-  `letters` are ignored, so the pronoun "I" is not read as option I when there
-  are only four options.
+  Order: the last boxed content (a letter in any case, or an option's text);
+  explicit statements ("the answer is (B)", "**Answer: C**", "correct option
+  is D", lower case where it cannot be a word: "answer is (c)", "Answer: c.");
+  an answer stated as an option's text ("The answer is Paris."); finally the
+  last standalone letter, preferring marked forms like "(B)" or "B." over a
+  bare "B", after dropping lines that merely restate the options ("A. ...",
+  "B. ...", "C. ...", in order), whose last label would otherwise read as an
+  answer. Letters outside `letters` are ignored, so the pronoun "I" is not
+  read as option I when there are only four options.
 
   Args:
     text: model output.
     letters: valid letters, e.g. "ABCD".
+    choices: the option texts in letter order (optional; enables answers given as text).
 
   Returns:
     An upper-case letter, or "" when none is found.
   """
   cls = "[" + re.escape(letters) + "]"
+  lower = "[" + re.escape(letters.lower()) + "]"
   boxed = last_boxed(text)
   if boxed is not None:
     inner = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", boxed).strip()
-    m = re.match(rf"^[\(\[]?({cls})(?![A-Za-z])", inner) or re.search(rf"\b({cls})\b", inner)
+    m = (re.match(rf"^[\(\[]?({cls})(?![A-Za-z])", inner) or
+         re.fullmatch(rf"[\(\[]?({lower})[\)\]]?\.?", inner) or re.search(rf"\b({cls})\b", inner))
     if m:
-      return m.group(1)
+      return m.group(1).upper()
+    by_text = _choice_by_text(inner, letters, choices)
+    if by_text:
+      return by_text
   for pattern in _MC_PATTERNS:
     hits = re.findall(pattern.replace("<L>", f"({cls})"), text, flags=re.IGNORECASE)
     hits = [h for h in hits if h in letters]  # IGNORECASE must not turn "a" into "A"
     if hits:
       return hits[-1]
+  lowered = re.findall(_MC_LOWER.replace("<l>", lower), text, flags=re.IGNORECASE | re.MULTILINE)
+  lowered = ["".join(groups) for groups in lowered if "".join(groups).upper() in letters]
+  if lowered:
+    return lowered[-1].upper()
+  if choices:
+    stated = re.findall(_MC_TEXT, text, flags=re.IGNORECASE)
+    by_text = _choice_by_text(stated[-1], letters, choices) if stated else ""
+    if by_text:
+      return by_text
   text = _without_option_echo(text, letters)
   marked = re.findall(rf"(?:\(({cls})\)|\b({cls})[\.\):](?!\w))", text)
   if marked:

@@ -1,15 +1,21 @@
 """Answer comparison per task family, and `score(record, output)` for the eval harness.
 
-Math answers are compared after a LaTeX-aware normalisation; numbers compare
-exactly as fractions ("0.5" == "\\frac{1}{2}" == "1/2", "18.0" == "18"), with a
-1e-6 relative tolerance for long decimals. AIME compares integers. Multiple
-choice compares letters. Code runs the task's tests in the sandbox.
+Math and AIME: a fast path first (a LaTeX-aware normalisation; numbers compare
+exactly as fractions, "0.5" == "\\frac{1}{2}" == "1/2", "18.0" == "18", with a
+1e-6 relative tolerance for long decimals; AIME compares integers); when it
+says "different", math-verify (the verifier the open reasoning-model
+evaluations use) decides symbolically: `2\\sqrt{2}` == `\\sqrt{8}`, sets,
+intervals, several boxed answers, `\\pm`. Multiple choice compares letters,
+case-insensitively. Code runs the task's tests in the sandbox.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import re
+import threading
 from fractions import Fraction
 from typing import Any, Mapping
 
@@ -106,12 +112,18 @@ def _split_top_level(s: str) -> list[str]:
   return parts + [current]
 
 
-def math_equal(prediction: Any, gold: Any, rel_tol: float = 1e-6) -> bool:
-  """Whether two math answers are the same after `normalize_math`.
+def math_equal(prediction: Any, gold: Any, rel_tol: float = 1e-6, verifier: bool = True) -> bool:
+  """Whether two math answers are the same.
 
-  Numbers are compared exactly, then with `rel_tol`; tuples and intervals
-  ("(3, \\frac{\\pi}{2})") element by element with the same brackets.
+  Fast path: equal after `normalize_math`; numbers exactly, then with
+  `rel_tol`; tuples and intervals ("(3, \\frac{\\pi}{2})") element by element with
+  the same brackets. Otherwise, when `verifier`, math-verify decides (`verify_math`).
   """
+  return _normalized_equal(prediction, gold, rel_tol) or (
+      verifier and verify_math(prediction, gold))
+
+
+def _normalized_equal(prediction: Any, gold: Any, rel_tol: float = 1e-6) -> bool:
   a, b = normalize_math(prediction), normalize_math(gold)
   if not a or not b:
     return False
@@ -123,14 +135,72 @@ def math_equal(prediction: Any, gold: Any, rel_tol: float = 1e-6) -> bool:
   if len(a) > 2 and len(b) > 2 and a[0] + a[-1] == b[0] + b[-1] and a[0] in "([" and (
       a[-1] in ")]"):
     pa, pb = _split_top_level(a), _split_top_level(b)
-    return len(pa) == len(pb) and len(pa) > 1 and all(map(math_equal, pa, pb))
+    return len(pa) == len(pb) and len(pa) > 1 and all(map(_normalized_equal, pa, pb))
   return False
 
 
-def aime_equal(prediction: Any, gold: Any) -> bool:
-  """AIME answers are integers 0..999: compare as integers ("033" == "33" == "33.0")."""
+def aime_equal(prediction: Any, gold: Any, verifier: bool = True) -> bool:
+  """AIME answers are integers 0..999: compare as integers ("033" == "33" == "33.0");
+  otherwise math-verify on an integer gold (`\\boxed{2^3}` == 8)."""
+  return _integer_equal(prediction, gold) or (verifier and _is_integer(gold) and
+                                              verify_math(prediction, gold))
+
+
+def _integer_equal(prediction: Any, gold: Any) -> bool:
   a, b = _to_fraction(normalize_math(prediction)), _to_fraction(normalize_math(gold))
   return a is not None and b is not None and a.denominator == 1 and a == b
+
+
+def _is_integer(gold: Any) -> bool:
+  value = _to_fraction(normalize_math(gold))
+  return value is not None and value.denominator == 1
+
+
+@functools.lru_cache(maxsize=1)
+def _math_verify():
+  """The math_verify module, imported on first use (it pulls in sympy: about 2 s)."""
+  import math_verify
+  logging.getLogger("math_verify").setLevel(logging.ERROR)  # its no-timeout warnings
+  return math_verify
+
+
+def _as_latex(text: str) -> str:
+  """A bare answer ("2\\sqrt{2}", "x = 5") boxed, so math-verify reads all of it;
+  text that already has a box or `$...$` math is passed as it is."""
+  return text if ("\\boxed" in text or "$" in text or "\\(" in text) else f"\\boxed{{{text}}}"
+
+
+def verify_math(prediction: Any, gold: Any, timeout_s: int = 5, whole_output: bool = False) -> bool:
+  """math-verify's verdict: `prediction` (an answer, or a whole model output) against `gold`.
+
+  Args:
+    prediction: a bare answer, or model output (boxed answers first, all of
+      them: "x = \\boxed{2} or \\boxed{-1}" is the set {-1, 2}).
+    gold: the reference answer (bare LaTeX).
+    whole_output: `prediction` is a model's full output: never box it whole.
+    timeout_s: per parse and comparison. math-verify enforces it with
+      SIGALRM, which only works on the main thread; elsewhere it runs without
+      one (long or pathological inputs could then take long).
+
+  Returns:
+    True when math-verify finds them equal; False when not, or when either side
+    does not parse.
+  """
+  prediction, gold = str(prediction).strip(), str(gold).strip()
+  if not prediction or not gold:
+    return False
+  mv = _math_verify()
+  timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
+  config = [mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()]
+  try:
+    gold_parsed = mv.parse(_as_latex(gold), parsing_timeout=timeout)
+    pred_parsed = mv.parse(prediction if whole_output else _as_latex(prediction),
+                           extraction_config=config,
+                           parsing_timeout=timeout)
+    return bool(gold_parsed and pred_parsed and
+                mv.verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+  except Exception:  # math-verify errors (and its timeouts) mean "not shown equal"
+    return False
 
 
 def mc_equal(prediction: Any, gold: Any) -> bool:
@@ -151,14 +221,24 @@ def score(record: Record, output_text: str,
 
   Returns:
     {"correct": bool, "prediction": str, "detail": str}: detail is the sandbox
-    outcome for code ("passed", "timeout", ...), "" otherwise.
+    outcome for code ("passed", "timeout", ...); for math "math-verify" when
+    the verifier, not the fast path, found the answer correct; "" otherwise.
   """
   if record.family == "math":
     prediction = extract_math(output_text)
-    equal = aime_equal if record.meta.get("answer_type") == "integer" else math_equal
-    return {"correct": equal(prediction, record.gold), "prediction": prediction, "detail": ""}
+    integer = record.meta.get("answer_type") == "integer"
+    fast = (_integer_equal if integer else _normalized_equal)(prediction, record.gold)
+    # With boxes the verifier reads the whole output (all boxed answers: "x = \\boxed{2}
+    # or x = \\boxed{-1}"); without, only the extracted answer, since free text holds
+    # intermediate expressions ("2 + 2 =" is not the answer 4).
+    boxed = last_boxed(output_text) is not None
+    correct = fast or (bool(prediction) and (not integer or _is_integer(record.gold)) and
+                       verify_math(output_text if boxed else prediction, record.gold,
+                                   whole_output=boxed))
+    return {"correct": correct, "prediction": prediction,
+            "detail": "" if fast or not correct else "math-verify"}
   if record.family == "mc":
-    prediction = extract_choice(output_text, record.letters)
+    prediction = extract_choice(output_text, record.letters, record.choices)
     return {"correct": mc_equal(prediction, record.gold), "prediction": prediction, "detail": ""}
   code = extract_code(output_text)
   result = sandbox.run_tests(code, record, sandbox_cfg)
