@@ -67,7 +67,10 @@ def eval_config() -> mlc.ConfigDict:
       top_k=0,
       num_samples=1,  # > 1 (with temperature > 0): self-consistency in summary.md
       seed=0,
-      sandbox={},  # code tasks: SandboxConfig fields, e.g. {"timeout_s": 10, "memory_mb": 1024}
+      # Code tasks: SandboxConfig fields, e.g. {"timeout_s": 10, "memory_mb": 1024}.
+      # isolation="bwrap" refuses to run code where user namespaces are unavailable;
+      # "process" accepts the weaker in-process guard (docs/readme/sandbox.md).
+      sandbox=dict(isolation="bwrap"),
   ))
 
 

@@ -28,6 +28,7 @@ from diffmas_jax.eval import ResultStore, write_summary
 from diffmas_jax.loading import LoadedModel
 from diffmas_jax.methods import Method, RunContext, resolve
 from diffmas_jax.tasks import Record, score
+from diffmas_jax.tasks.sandbox import check_available as check_sandbox
 
 # Settings that do not change any sample's result (so resuming with new values is fine).
 _FREE_EVAL_KEYS = ("limit", "methods", "num_samples")
@@ -55,6 +56,8 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
     {"title", "methods": {name: figures from summary.json}, "summary_md",
      "summary_png", "records": the per-sample rows of this evaluation}.
   """
+  if any(r.family == "code" for r in records):  # refuse before any generation, not after
+    check_sandbox(eval_cfg.get("sandbox") or None)
   runs = _method_runs(loaded_model, method_names, eval_cfg, agents_cfg, lora, extra_methods)
   os.makedirs(workdir, exist_ok=True)
   _check_run_config(workdir, loaded_model, eval_cfg, agents_cfg, lora)
