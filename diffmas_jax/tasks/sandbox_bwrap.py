@@ -168,7 +168,7 @@ def unavailable_reason(python: str) -> str | None:
     os.chmod(files, 0o755)
     with open(os.path.join(files, "err"), "w+b") as err:
       try:
-        proc = start([python, "-I", "-B", "-c", "pass"], python=python, files_dir=files,
+        proc = start([python, "-I", "-B", "-S", "-c", "pass"], python=python, files_dir=files,
                      tmpfs_mb=1, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=err)
         code = proc.wait(timeout=30)

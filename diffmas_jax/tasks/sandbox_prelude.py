@@ -1,8 +1,8 @@
 """Runs INSIDE the sandbox, before any untrusted code (stdlib only, a standalone script).
 
-  python -I -B prelude.py run   <program.py> <settings-json>   (nonce on stdin)
-  python -I -B prelude.py serve <program.py> <settings-json>   (candidate side of a split run)
-  python -I -B prelude.py judge <program.py> <settings-json>   (test side of a split run)
+  python -I -B -S prelude.py run   <program.py> <settings-json>   (nonce on stdin)
+  python -I -B -S prelude.py serve <program.py> <settings-json>   (candidate side of a split run)
+  python -I -B -S prelude.py judge <program.py> <settings-json>   (test side of a split run)
 
 Common steps: close every inherited descriptor except 0-2 and the ones named in
 the settings, lower the resource limits, drop from the sandbox's root to an
@@ -191,15 +191,14 @@ def _write_line(fd, obj):
 def _serve(namespace, entry_point, fd_in, fd_out):
   """Answers calls to the entry point until the judge closes its pipe."""
   fn = namespace.get(entry_point)
-  if not callable(fn):
-    _write_line(fd_out, {"error": f"NameError: {entry_point!r} is not defined by the answer"})
-    return
   while True:
     try:
       request = json.loads(_read_line(fd_in))
     except EOFError:
       return
     try:
+      if not callable(fn):
+        raise NameError(f"{entry_point!r} is not defined by the answer")
       args = decode(request["args"])
       reply = {"ok": encode(fn(*args))}
     except Exception as e:  # the candidate's own error: reported to the judge, which fails
@@ -234,6 +233,7 @@ def _proxy(entry_point, fd_out, fd_in):
 def main():
   mode, program_path, settings_json = sys.argv[1], sys.argv[2], sys.argv[3]
   config = json.loads(settings_json)
+  sys.path.extend(p for p in config.get("sys_path", ()) if p not in sys.path)  # started with -S
   keep = set(config.get("keep_fds", ()))
   for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
     if int(fd) > 2 and int(fd) not in keep:
