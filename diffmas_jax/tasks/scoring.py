@@ -159,7 +159,11 @@ def _is_integer(gold: Any) -> bool:
 @functools.lru_cache(maxsize=1)
 def _math_verify():
   """The math_verify module, imported on first use (it pulls in sympy: about 2 s)."""
-  import math_verify
+  try:
+    import math_verify
+  except ImportError as e:
+    raise ImportError("math scoring needs math-verify: pip install -r requirements.txt "
+                      "(math-verify==0.9.0)") from e
   logging.getLogger("math_verify").setLevel(logging.ERROR)  # its no-timeout warnings
   return math_verify
 
