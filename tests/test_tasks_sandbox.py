@@ -216,6 +216,8 @@ def test_wire_format_round_trips_plain_values_and_rejects_the_rest():
            frozenset({1}), None, True, 1 + 2j]
   assert decode(encode(value)) == value
   assert type(decode(encode((1,)))) is tuple and decode(encode(True)) is True
+  lazy = decode(encode(map(int, "12")))
+  assert iter(lazy) is lazy and list(lazy) == [1, 2]  # an iterator stays an iterator
   for hostile in ({"i": 3}, {"s": ["x"]}, {"zz": []}, [1], "raw", {"d": [[{"l": []}, None]]}):
     with pytest.raises((ValueError, TypeError)):
       decode(hostile)
@@ -261,6 +263,22 @@ def test_forging_the_in_process_marker_still_works_known_limit(humaneval0, tmp_p
   program = sandbox.build_test_program(code, humaneval0)
   assert run_code(program, config=FAST, as_main=False).passed
   assert not run_tests(code, humaneval0, FAST).passed  # the split verdict holds
+
+
+def test_mbpp_asserts_are_judged_outside_the_answer_too():
+  rec = load_task("mbpp", limit=1)[0]  # remove_Occ: asserts that only call the entry point
+  assert sandbox.splittable(rec) and sandbox.split_prompt(rec) == ""
+  assert run_tests(rec.gold, rec, FAST).passed
+  # An honest answer returning a lazy iterator: the judge gets an iterator, as in-process.
+  lazy = "def remove_Occ(s, ch):\n  return (c for c in ['x'])\n"
+  assert not run_tests(lazy, rec, FAST).passed
+  forged = attack_code("forge marker", checkout="", results="", pwned="", tag="t").replace(
+      "has_close_elements(numbers, threshold)", "remove_Occ(s, ch)")
+  assert run_code(sandbox.build_test_program(forged, rec), config=FAST, as_main=False).passed
+  assert not run_tests(forged, rec, FAST).passed  # split: the forgery has nothing to find
+  # Tests that build objects from the answer's classes stay in one process.
+  node = load_task("mbpp", limit=None)
+  assert not all(map(sandbox.splittable, node))
 
 
 def test_honest_solution_passes_after_the_attacks(humaneval0):

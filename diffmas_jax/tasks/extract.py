@@ -80,7 +80,8 @@ _MC_PATTERNS = [
 
 
 # "the answer is (c)", "Answer: c." : a lower-case letter only where it cannot be a word.
-_MC_LOWER = (r"answer\s*(?:is|:)\s*\**\s*(?:option\s*)?(?:[\(\[](<l>)[\)\]]|(<l>)\)|(<l>)\.?\**\s*$)")
+_MC_LOWER = (r"answer\s*(?:is|:)\s*\**\s*(?:option\s*)?"
+             r"(?:[\(\[](<l>)[\)\]]|(<l>)\)|(<l>)\.?\**\s*$)")
 _MC_TEXT = r"answer\s*(?:is|:)\s*\**\s*([^\n]+)"
 
 

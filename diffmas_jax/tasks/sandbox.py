@@ -17,17 +17,20 @@ In both, the prelude (`sandbox_prelude.py`) sets the resource limits (address
 space, CPU seconds, file size, open files, processes) and installs the audit
 hook, a guard rail against accidents, not a boundary.
 
-Verdicts. HumanEval-style records (the tests call one entry point) are judged
-by a split run: the candidate's code runs in one sandbox and the prompt and
-tests in another, which calls the entry point across two pipes with plain
-values; the verdict is the judge's own completion and exit status, which the
-candidate cannot reach. Other programs (MBPP-style asserts, `run_code`) are
-judged in-process: a program written to fool its own tests can; the sandbox
-still contains what it does. `isolation_report()` says what a run gets here.
+Verdicts. Records whose tests reach the answer only through its entry point
+(HumanEval's `check(fn)`, MBPP's asserts) are judged by a split run: the
+candidate's code runs in one sandbox, the tests (after the HumanEval prompt) in
+another, which calls the entry point across two pipes with plain values; the
+verdict is the judge's own completion and exit status, which the candidate
+cannot reach. Other programs (tests that use the answer's classes, `run_code`)
+are judged in-process: a program written to fool its own tests can; the
+sandbox still contains what it does. `isolation_report()` says what a run gets.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import concurrent.futures
 import dataclasses
 import functools
@@ -73,7 +76,8 @@ class SandboxConfig:
     max_processes: RLIMIT_NPROC, applied whenever the child runs unprivileged
       (always under bwrap).
     tmpfs_mb: size of the writable /tmp under bwrap.
-    split_verdict: judge HumanEval-style records in a separate sandbox (module docstring).
+    split_verdict: judge records whose tests only call the entry point in a separate
+      sandbox (module docstring).
     network_namespace: "process" mode: None = use `unshare -rn` when it works here; False = never.
     drop_privileges: "process" mode: None = run as `nobody` when root and possible; False = never.
     audit_hook: install the in-process guard (see module docstring).
@@ -218,8 +222,8 @@ def isolation_report(cfg: SandboxConfig | None = None) -> dict[str, str]:
   hook = "audit hook" if cfg.audit_hook else ""
   limits = (f"RLIMIT_AS={cfg.memory_mb}MB, RLIMIT_CPU, RLIMIT_FSIZE={cfg.max_output_mb}MB, "
             f"RLIMIT_NOFILE={cfg.max_open_files}, wall timeout {cfg.timeout_s}s")
-  verdict = ("HumanEval-style: separate judge sandbox; others: in-process" if cfg.split_verdict
-             else "in-process")
+  verdict = ("tests that only call the entry point: separate judge sandbox; others: in-process"
+             if cfg.split_verdict else "in-process")
   if cfg.isolation == "bwrap":
     reason = sandbox_bwrap.unavailable_reason(cfg.python or sys.executable)
     if reason is not None:
@@ -457,7 +461,7 @@ def run_split(candidate: str, prompt: str, tests: str, entry_point: str,
   Args:
     candidate: the program that defines `entry_point` (prompt + answer).
     prompt: code the tests rely on (imports, helpers), run in the judge first.
-    tests: code that calls `entry_point` (HumanEval: `def check...; check(fn)`).
+    tests: code that calls `entry_point` (HumanEval: `def check...; check(fn)`; MBPP: asserts).
     entry_point: the function name; in the judge it is a proxy to the candidate.
     config: SandboxConfig or a dict of its fields.
 
@@ -533,18 +537,51 @@ def build_test_program(code: str, record: Record) -> str:
   return f"{_candidate_body(code, record)}\n\n# ---- tests ----\n{record.tests}\n"
 
 
+def _free_names(code: str) -> set[str] | None:
+  """Names `code` reads but never binds (nor are builtins); None when it does not parse."""
+  try:
+    tree = ast.parse(code)
+  except SyntaxError:
+    return None
+  loaded, bound = set(), set(dir(builtins))
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Name):
+      (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      bound.add(node.name)
+    elif isinstance(node, ast.arg):
+      bound.add(node.arg)
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+    elif isinstance(node, ast.ExceptHandler) and node.name:
+      bound.add(node.name)
+  return loaded - bound
+
+
+def split_prompt(record: Record) -> str | None:
+  """The code the judge runs before the tests when `record` can be judged by a split
+  run, else None. HumanEval's `check(fn)` form: the prompt (its helpers). Other
+  tests (MBPP's asserts): "" when the only outside name they read is the entry point."""
+  if record.family != "code" or not record.entry_point:
+    return None
+  if record.meta.get("style") == "humaneval":
+    called = re.search(rf"^check\({re.escape(record.entry_point)}\)\s*$", record.tests,
+                       flags=re.MULTILINE)
+    return record.meta.get("prompt", record.question) if called else None
+  return "" if _free_names(record.tests) == {record.entry_point} else None
+
+
 def splittable(record: Record) -> bool:
-  """Whether `record`'s tests only call its entry point (HumanEval's `check(fn)` form)."""
-  return (record.meta.get("style") == "humaneval" and bool(record.entry_point)
-          and re.search(rf"^check\({re.escape(record.entry_point)}\)\s*$", record.tests,
-                        flags=re.MULTILINE) is not None)
+  """Whether `record`'s tests can be judged outside the candidate's process (`split_prompt`)."""
+  return split_prompt(record) is not None
 
 
 def run_tests(code: str, record: Record,
               config: SandboxConfig | Mapping | None = None) -> SandboxResult:
   """Runs candidate `code` against `record.tests` in the sandbox (demo blocks skipped).
 
-  HumanEval-style records get a split run (`run_split`) unless
+  Records whose tests only reach the answer through its entry point (HumanEval's
+  `check(fn)`, MBPP's asserts) get a split run (`run_split`) unless
   `config.split_verdict` is False; others run in one process (`run_code`).
   """
   if record.family != "code":
@@ -552,7 +589,7 @@ def run_tests(code: str, record: Record,
   if not code.strip():
     return SandboxResult(False, -1, False, "", "", "error: no code found in the answer")
   cfg = SandboxConfig.from_any(config)
-  if cfg.split_verdict and splittable(record):
-    prompt = record.meta.get("prompt", record.question)
+  prompt = split_prompt(record) if cfg.split_verdict else None
+  if prompt is not None:
     return run_split(_candidate_body(code, record), prompt, record.tests, record.entry_point, cfg)
   return run_code(build_test_program(code, record), config=cfg, as_main=False)

@@ -13,13 +13,14 @@ binds: the kernel exempts uid 0 from it), optionally install the audit hook.
 In-process: a program written to fool this check can (it shares the memory
 that holds the nonce); the OS sandbox around it is what contains the damage.
 
-Split run (HumanEval style, where the tests call one entry-point function):
+Split run (tests that reach the answer only through its entry-point function):
 `serve` executes the candidate's code and answers calls to its entry point read
 as JSON lines from one pipe, writing JSON-encoded plain values (numbers,
-strings, lists, tuples, dicts, sets) to another; `judge` executes the task's
-prompt and tests in a separate sandbox with the entry point replaced by a proxy
-that calls across the pipes. The candidate never runs in the judge's process,
-so it cannot reach the judge's nonce, its assertions, or its exit status.
+strings, lists, tuples, dicts, sets, iterators) to another; `judge` executes
+the task's prompt (HumanEval) and tests in a separate sandbox with the entry
+point replaced by a proxy that calls across the pipes. The candidate never runs
+in the judge's process, so it cannot reach the judge's nonce, its assertions,
+or its exit status.
 
 The audit hook is a guard rail against accidents, not a security boundary: it
 copies its deny-lists into its closure (rebinding module globals does not turn
@@ -53,6 +54,8 @@ _PATH_EVENTS = {
     "shutil.move": ((1,), None), "os.mkfifo": ((0,), 2), "os.mknod": ((0,), 3),
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+# Lazy results an honest answer may return (`list(f(x))` works on them in the judge too).
+_ITERATORS = (type(x for x in ()), map, filter, zip, reversed, enumerate, range)
 _MAX_MESSAGE = 16 * 2**20  # bytes per JSON line across the split-run pipes
 _MAX_DEPTH = 64
 
@@ -130,6 +133,8 @@ def encode(x, depth=0):
     return {"c": [repr(float(x.real)), repr(float(x.imag))]}
   if isinstance(x, (bytes, bytearray)):
     return {"b": bytes(x).hex()}
+  if isinstance(x, _ITERATORS):  # consumed here; the judge gets an iterator back
+    return {"it": [encode(v, depth + 1) for v in x]}
   tags = ((list, "l"), (tuple, "t"), (set, "set"), (frozenset, "fs"))
   for kind, tag in tags:
     if isinstance(x, kind):
@@ -162,7 +167,8 @@ def decode(x, depth=0):
     if tag == "d":
       return {decode(k, depth + 1): decode(w, depth + 1) for k, w in v}
     items = [decode(w, depth + 1) for w in v]
-    builders = {"l": list, "t": tuple, "set": set, "fs": frozenset}
+    builders = {"l": list, "t": tuple, "set": set, "fs": frozenset,
+                "it": lambda items: iter(items)}
     if tag in builders:
       return builders[tag](items)
   raise ValueError("malformed value")
