@@ -143,6 +143,11 @@ def evidence(text: str) -> str:
   return ", ".join(sorted(set(re.findall(r"shell-ran|forked \d+|write refused", text)))) or "-"
 
 
+def _read(path: str) -> str:
+  with open(path) as f:
+    return f.read()
+
+
 def run_attack(name: str, config: dict, python: str = sys.executable, verdict: str = "split",
                settle_s: float = 1.5) -> dict:
   """Runs one attack in a separate harness process; returns the row of the table.
@@ -175,7 +180,7 @@ def run_attack(name: str, config: dict, python: str = sys.executable, verdict: s
       except OSError:
         pass
     changed = [os.path.basename(p) for p in (readme, results)
-               if open(p).read() != "original\n"] + (["pwned"] if os.path.exists(pwned) else [])
+               if _read(p) != "original\n"] + (["pwned"] if os.path.exists(pwned) else [])
     row = {"attack": name, "harness_alive": proc.returncode == 0, "wall_s": round(elapsed, 2),
            "processes_left": len(left), "files_changed": changed}
     if proc.returncode == 0:
