@@ -338,3 +338,20 @@ def test_evaluation_refuses_code_tasks_before_generating(monkeypatch, humaneval0
   monkeypatch.setattr(sandbox_bwrap, "unavailable_reason", lambda python: "no namespaces")
   with pytest.raises(SandboxUnavailableError, match="isolation=process"):
     evaluation.evaluate(None, [humaneval0], ["single"], {"sandbox": {}}, {}, "/nonexistent")
+
+
+def test_refusal_where_user_namespaces_are_really_disabled():
+  """A harness inside a bwrap with --disable-userns cannot create namespaces: the real
+  refusal path, bwrap's own error in the message, and the weaker mode on request."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  program = ("from diffmas_jax.tasks import sandbox\ntry:\n  sandbox.run_code('print(1)')\n"
+             "except sandbox.SandboxUnavailableError as e:\n  print('REFUSED', e)\n"
+             "weak = sandbox.run_code('print(7)', config={'isolation': 'process'})\n"
+             "print('WEAK', weak.stdout_tail)")
+  jail = [sandbox_bwrap.bwrap_binary(), "--unshare-user", "--disable-userns", "--ro-bind", "/",
+          "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--chdir", repo]
+  out = subprocess.run(jail + [sys.executable, "-c", program],
+                       capture_output=True, text=True, timeout=120)
+  assert "REFUSED code sandbox: bubblewrap cannot isolate programs" in out.stdout, out
+  assert "bwrap: Creating new namespace failed" in out.stdout
+  assert out.stdout.rstrip().endswith("WEAK 7"), out

@@ -135,13 +135,14 @@ def start(inner: list[str], *, python: str, files_dir: str, tmpfs_mb: int,
   try:
     cmd = command(inner, python=python, files_dir=files_dir, tmpfs_mb=tmpfs_mb, env=env,
                   as_root=True, info_fd=info_w, block_fd=block_r)
-    # No supplementary groups: the sandbox would inherit root's.
-    proc = subprocess.Popen(cmd, pass_fds=pass_fds + (info_w, block_r), extra_groups=[],
-                            **kwargs)
+    # Root's supplementary groups are dropped by the prelude (setgroups) with the uid.
+    proc = subprocess.Popen(cmd, pass_fds=pass_fds + (info_w, block_r), **kwargs)
     os.close(info_w)
     info_w = -1
     try:
       info = _read_info(info_r, 20.0)
+      if "child-pid" not in info:  # bwrap died before creating the namespaces
+        raise OSError(f"bwrap exited with status {proc.wait(timeout=20)} before starting")
       _map_ids(int(info["child-pid"]))
       os.write(block_w, b"1")
     except BaseException:
@@ -171,11 +172,11 @@ def unavailable_reason(python: str) -> str | None:
         proc = start([python, "-I", "-B", "-S", "-c", "pass"], python=python, files_dir=files,
                      tmpfs_mb=1, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=err)
-        code = proc.wait(timeout=30)
+        code, failure = proc.wait(timeout=30), ""
       except (OSError, TimeoutError, ValueError, subprocess.SubprocessError) as e:
-        return f"{type(e).__name__}: {e}"
+        code, failure = -1, f"{type(e).__name__}: {e}"
       err.seek(0)
-      message = err.read().decode(errors="replace").strip()
-    return None if code == 0 else (message.splitlines() or [f"exit code {code}"])[-1]
+      said = err.read().decode(errors="replace").strip().splitlines()  # bwrap's own words
+    return None if code == 0 else (said[-1] if said else failure or f"exit code {code}")
   finally:
     shutil.rmtree(files, ignore_errors=True)
