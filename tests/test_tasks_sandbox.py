@@ -6,6 +6,7 @@ that accepts the weaker mode: a machine that cannot isolate is a failing
 machine for these tests, not a skipped one.
 """
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -236,7 +237,9 @@ def test_attack_fails_and_leaves_nothing(name, cfg, humaneval0, tmp_path):
   tag = f"attack-{name.replace(' ', '-')}-{time.monotonic_ns()}"
   code = attack_code(name, checkout=str(checkout), results=str(results),
                      pwned=str(tmp_path / "pwned"), tag=tag)
-  result = run_tests(code, humaneval0, cfg)
+  # A generous wall limit: under load, 200 forks that each start a shell take a while,
+  # and the bomb must get to report its count.
+  result = run_tests(code, humaneval0, dataclasses.replace(cfg, timeout_s=30.0))
   assert not result.passed, result
   assert _eventually_empty(lambda: processes_with(tag)), "a process outlived the sandbox"
   if name == "daemon":
@@ -244,6 +247,7 @@ def test_attack_fails_and_leaves_nothing(name, cfg, humaneval0, tmp_path):
   assert checkout.read_text() == results.read_text() == "original\n"
   assert not (tmp_path / "pwned").exists()
   if name == "fork bomb" and not cfg.audit_hook:
+    assert "forked" in result.stderr_tail, result
     forked = int(result.stderr_tail.split("forked")[1].split()[0])
     assert forked < SandboxConfig().max_processes
 
