@@ -69,7 +69,8 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
     todo = [t for t in todo if t[2]]
     bar = tqdm(total=sum(len(t[2]) for t in todo), desc=name, unit="sample", dynamic_ncols=True,
                disable=not progress)
-    for sample, chunk_index, pending in todo:
+    for i, (sample, chunk_index, pending) in enumerate(todo):
+      bar.set_postfix_str("compiling ..." if i == 0 else "", refresh=True)  # first batch compiles
       batch = list(pending) + [pending[-1]] * (batch_size - len(pending))
       seed = int(eval_cfg.seed) + 1000 * sample + chunk_index
       t0 = time.perf_counter()

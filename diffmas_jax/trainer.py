@@ -173,6 +173,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   window: list[dict] = []
   bar = tqdm(total=total_micro, initial=start, unit="step", desc="train",
              disable=not show_progress or jax.process_index() != 0)
+  bar.set_postfix_str("compiling ...", refresh=True)  # the first step compiles (or loads) the step
   if probe and start == 0:
     metrics_log.log(0, probe_loss=probe(state.params))
   t_window = time.perf_counter()
@@ -193,6 +194,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
           "never continues an old run's checkpoints.")
     window.append(metrics)
     bar.update(1)
+    if micro == start:
+      bar.set_postfix_str("")
     done = micro + 1
     if metrics["applied"]:
       update = done // tc.grad_accum

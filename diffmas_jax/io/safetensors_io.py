@@ -174,7 +174,12 @@ def _generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _replace_dir(new: str, target: str) -> None:
-  """Renames `new` to `target`; an old `target` is moved aside first and deleted after."""
+  """Renames `new` to `target`; an old `target` is moved aside first and deleted after.
+
+  `new` comes from mkdtemp (mode 0700); it gets the mode a plain mkdir would give
+  (0777 minus the umask) so the result is as readable as any other directory.
+  """
+  os.chmod(new, 0o777 & ~_umask())
   if not os.path.lexists(target):
     os.replace(new, target)
     return
@@ -187,6 +192,12 @@ def _replace_dir(new: str, target: str) -> None:
     raise
   finally:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+  mask = os.umask(0)  # the only way to read it; set straight back
+  os.umask(mask)
+  return mask
 
 
 def _write_json(path: str, obj: dict) -> None:
