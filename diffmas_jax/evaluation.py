@@ -131,7 +131,9 @@ def _notes(model, eval_cfg, agents_cfg, runs, extra) -> list[str]:
   notes = [f"model: {model.source} ({model.cfg.dtype})",
            f"agents: {roles} -> solver; topology {ctx.topology}"
            + (f" ({ctx.position_layout} positions)" if ctx.topology == "hierarchical" else "")
-           + f"; realign {ctx.realign} (lambda {ctx.realign_lambda}); trace_keep {ctx.trace_keep}",
+           + f"; realign {ctx.realign} (lambda {ctx.realign_lambda}, {ctx.realign_rows} rows); "
+             f"trace_keep {ctx.trace_keep}"
+           + (f" ({ctx.trace_cut})" if ctx.trace_keep != "all" else ""),
            f"decoding: temperature {ctx.temperature}"
            + (f", top_p {ctx.top_p}" if ctx.temperature > 0 else " (greedy)")
            + f"; max_new_tokens {ctx.max_new_tokens} (text_mas agents: "

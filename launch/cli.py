@@ -143,7 +143,7 @@ def load_records(eval_cfg: Any, exclude_ids: Any = ()) -> list:
 
 def check_eval_config(eval_cfg: Any, agents_cfg: Any) -> None:
   """Eval and agent settings that would otherwise fail late (or deep inside jit)."""
-  from diffmas_jax import topology
+  from diffmas_jax import agents, topology
 
   positive = lambda key: lambda: check_value(
       int(eval_cfg.get(key, 1)) >= 1,
@@ -159,4 +159,7 @@ def check_eval_config(eval_cfg: Any, agents_cfg: Any) -> None:
                                 "(--config.agents.latent_steps=...)"),
             lambda: as_input_error(topology.TraceSpec, steps=(max(int(agents_cfg.latent_steps), 0),),
                                    topology=agents_cfg.topology, trace_keep=agents_cfg.trace_keep,
-                                   position_layout=agents_cfg.position_layout))
+                                   position_layout=agents_cfg.position_layout,
+                                   trace_cut=agents_cfg.get("trace_cut", "hide")),
+            lambda: as_input_error(agents.realign_row_count,
+                                   agents_cfg.get("realign_rows", "tokenizer"), 1, 1))
