@@ -70,7 +70,8 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
     bar = tqdm(total=sum(len(t[2]) for t in todo), desc=name, unit="sample", dynamic_ncols=True,
                disable=not progress)
     for i, (sample, chunk_index, pending) in enumerate(todo):
-      bar.set_postfix_str("compiling ..." if i == 0 else "", refresh=True)  # first batch compiles
+      if i == 0:  # the first batch compiles (or loads from the compile cache)
+        bar.set_postfix_str("compiling ...", refresh=True)
       batch = list(pending) + [pending[-1]] * (batch_size - len(pending))
       seed = int(eval_cfg.seed) + 1000 * sample + chunk_index
       t0 = time.perf_counter()
@@ -88,6 +89,8 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
             trace_len_per_agent=out.trace_len_per_agent, agent_texts=out.agent_texts,
             seconds=per_sample))
       bar.update(len(pending))
+      if i == 0:
+        bar.set_postfix_str("")
     bar.close()
   wanted = {(n, str(r.id), s) for n in runs for r in records for s in range(num_samples)}
   rows = [r for r in store.records

@@ -176,10 +176,15 @@ def _generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def _replace_dir(new: str, target: str) -> None:
   """Renames `new` to `target`; an old `target` is moved aside first and deleted after.
 
-  `new` comes from mkdtemp (mode 0700); it gets the mode a plain mkdir would give
-  (0777 minus the umask) so the result is as readable as any other directory.
+  `new` comes from mkdtemp (mode 0700) and safetensors writes its files 0600;
+  they get the modes a plain mkdir / open would give (0777 / 0666 minus the
+  umask), so an export is as readable as any other directory.
   """
-  os.chmod(new, 0o777 & ~_umask())
+  mask = _umask()
+  for root, dirs, files in os.walk(new):
+    os.chmod(root, 0o777 & ~mask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~mask)
   if not os.path.lexists(target):
     os.replace(new, target)
     return
