@@ -35,7 +35,7 @@ class Realigner:
 REALIGN_ROWS = ("tokenizer", "all")
 
 
-def realign_row_count(mode: str, tokenizer_size: int, embedding_rows: int) -> int:
+def realign_row_count(mode: str, tokenizer_size: int | None, embedding_rows: int) -> int:
   """How many vocabulary rows W_a and target_norm are built from.
 
   "tokenizer" (default) matches LatentMAS, which resizes the embeddings to
@@ -43,12 +43,14 @@ def realign_row_count(mode: str, tokenizer_size: int, embedding_rows: int) -> in
   token uses (Qwen3: 151936 - 151669 = 267), which changes target_norm; where
   the tokenizer covers every row (Llama, SmolLM2) it changes nothing. "all"
   uses every row. A tokenizer larger than the embedding (LatentMAS would add
-  fresh random rows) uses every row.
+  fresh random rows), or one of unknown size (None), uses every row.
   """
   if mode not in REALIGN_ROWS:
     raise ValueError(f"realign_rows={mode!r}; expected one of {REALIGN_ROWS} "
                      "(--config.agents.realign_rows)")
-  return embedding_rows if mode == "all" else min(tokenizer_size, embedding_rows)
+  if mode == "all" or tokenizer_size is None:
+    return embedding_rows
+  return min(tokenizer_size, embedding_rows)
 
 
 def make_realigner(weights: Weights, lam: float = 1e-5, enabled: bool = True,

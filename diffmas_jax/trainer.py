@@ -138,7 +138,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, tc.batch_size, 1), mesh)
   weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
   rows = agents.realign_row_count(cfg.agents.get("realign_rows", "tokenizer"),
-                                  model.tokenizer.vocab_size, model.cfg.vocab_size)
+                                  getattr(model.tokenizer, "vocab_size", None),
+                                  model.cfg.vocab_size)
   realigner = jax.device_put(agents.make_realigner(weights, cfg.agents.realign_lambda,
                                                    cfg.agents.realign, rows), replicated)
   params = train_lib.init_params(model.cfg, lora_cfg, tc.grad_mode, spec.num_agents,

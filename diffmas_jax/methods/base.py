@@ -98,8 +98,8 @@ class RunContext:
 
   @functools.cached_property
   def realigner(self) -> agents.Realigner:
-    rows = agents.realign_row_count(self.realign_rows, self.model.tokenizer.vocab_size,
-                                    self.model.cfg.vocab_size)
+    tokenizer_size = getattr(self.model.tokenizer, "vocab_size", None)
+    rows = agents.realign_row_count(self.realign_rows, tokenizer_size, self.model.cfg.vocab_size)
     return agents.make_realigner(self.model.weights, self.realign_lambda, self.realign, rows)
 
   def sampling_config(self, max_new_tokens: int) -> sampling.SamplingConfig:
