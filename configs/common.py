@@ -41,11 +41,18 @@ def agents_config() -> mlc.ConfigDict:
       role_latent_steps={},  # role name -> m, overriding latent_steps for that role
       realign=True,  # False: W_a = I, the norm rescale still applies
       realign_lambda=1e-5,  # ridge term of the realignment solve (f32)
+      # W_a and target_norm from the first len(tokenizer) vocabulary rows (LatentMAS resizes
+      # the embeddings first: drops Qwen's padding rows) | all rows.
+      realign_rows="tokenizer",
       trace_keep="all",  # all | own_segment | latent_only
+      # How trace_keep acts: hide (mask slots, keep positions) | cut (LatentMAS: cut the cache to
+      # the last agent's m latent slots / segment and restart positions).
+      trace_cut="hide",
       position_layout="continue",  # hierarchical: continue | shared_start
       agent_max_new_tokens=256,  # text_mas: tokens each upstream agent may write
-      # Qwen3 templates: True (Qwen3's default) lets the model think before answering,
-      # False appends an empty <think></think> block. Only templates that read it get it.
+      # Qwen3 templates: True (Qwen3's default, and LatentMAS's: it never sets it) lets the
+      # model think before answering, False appends an empty <think></think> block. Only
+      # templates that read it get it.
       enable_thinking=True,
   ))
 

@@ -32,15 +32,38 @@ class Realigner:
   target_norm: Any  # [] f32: mean row norm of the input embedding
 
 
-def make_realigner(weights: Weights, lam: float = 1e-5, enabled: bool = True) -> Realigner:
+REALIGN_ROWS = ("tokenizer", "all")
+
+
+def realign_row_count(mode: str, tokenizer_size: int | None, embedding_rows: int) -> int:
+  """How many vocabulary rows W_a and target_norm are built from.
+
+  "tokenizer" (default) matches LatentMAS, which resizes the embeddings to
+  len(tokenizer) first: on Qwen checkpoints that drops the padding rows no
+  token uses (Qwen3: 151936 - 151669 = 267), which changes target_norm; where
+  the tokenizer covers every row (Llama, SmolLM2) it changes nothing. "all"
+  uses every row. A tokenizer larger than the embedding (LatentMAS would add
+  fresh random rows), or one of unknown size (None), uses every row.
+  """
+  if mode not in REALIGN_ROWS:
+    raise ValueError(f"realign_rows={mode!r}; expected one of {REALIGN_ROWS} "
+                     "(--config.agents.realign_rows)")
+  if mode == "all" or tokenizer_size is None:
+    return embedding_rows
+  return min(tokenizer_size, embedding_rows)
+
+
+def make_realigner(weights: Weights, lam: float = 1e-5, enabled: bool = True,
+                   rows: int | None = None) -> Realigner:
   """Ridge map from output (LM-head) space back to input-embedding space, in f32.
 
   W_a = solve(W_out^T W_out + lam I, W_out^T W_in). With `enabled=False`, W_a = I
   but the norm rescale still applies: without it latent inputs drift off the
-  embedding manifold and generation degenerates.
+  embedding manifold and generation degenerates. `rows`: use only the first
+  `rows` vocabulary rows of both embeddings (see `realign_row_count`); None = all.
   """
-  w_in = weights.embed.astype(jnp.float32)  # [V, D]
-  w_out = w_in if weights.lm_head is None else weights.lm_head.astype(jnp.float32).T  # [V, D]
+  w_in = weights.embed.astype(jnp.float32)[:rows]  # [V, D]
+  w_out = w_in if weights.lm_head is None else weights.lm_head.astype(jnp.float32).T[:rows]
   target_norm = jnp.mean(jnp.linalg.norm(w_in, axis=-1))
   d = w_in.shape[1]
   if not enabled:

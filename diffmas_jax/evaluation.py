@@ -72,7 +72,9 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
     todo = [t for t in todo if t[2]]
     bar = tqdm(total=sum(len(t[2]) for t in todo), desc=name, unit="sample", dynamic_ncols=True,
                disable=not progress)
-    for sample, chunk_index, pending in todo:
+    for i, (sample, chunk_index, pending) in enumerate(todo):
+      if i == 0:  # the first batch compiles (or loads from the compile cache)
+        bar.set_postfix_str("compiling ...", refresh=True)
       batch = list(pending) + [pending[-1]] * (batch_size - len(pending))
       seed = int(eval_cfg.seed) + 1000 * sample + chunk_index
       t0 = time.perf_counter()
@@ -90,6 +92,8 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
             trace_len_per_agent=out.trace_len_per_agent, agent_texts=out.agent_texts,
             seconds=per_sample))
       bar.update(len(pending))
+      if i == 0:
+        bar.set_postfix_str("")
     bar.close()
   wanted = {(n, str(r.id), s) for n in runs for r in records for s in range(num_samples)}
   rows = [r for r in store.records
@@ -133,7 +137,9 @@ def _notes(model, eval_cfg, agents_cfg, runs, extra) -> list[str]:
   notes = [f"model: {model.source} ({model.cfg.dtype})",
            f"agents: {roles} -> solver; topology {ctx.topology}"
            + (f" ({ctx.position_layout} positions)" if ctx.topology == "hierarchical" else "")
-           + f"; realign {ctx.realign} (lambda {ctx.realign_lambda}); trace_keep {ctx.trace_keep}",
+           + f"; realign {ctx.realign} (lambda {ctx.realign_lambda}, {ctx.realign_rows} rows); "
+             f"trace_keep {ctx.trace_keep}"
+           + (f" ({ctx.trace_cut})" if ctx.trace_keep != "all" else ""),
            f"decoding: temperature {ctx.temperature}"
            + (f", top_p {ctx.top_p}" if ctx.temperature > 0 else " (greedy)")
            + f"; max_new_tokens {ctx.max_new_tokens} (text_mas agents: "

@@ -51,10 +51,7 @@ def _read_source(source: str):
     return g.hf_config, g.state_dict, g.tokenizer
   path = os.path.expanduser(source)
   if not os.path.isdir(path):
-    if not _HUB_ID.match(source):
-      raise ModelNotFoundError(
-          f"model source {source!r} is not a directory. Pass a local HF model directory "
-          f"(with config.json and *.safetensors), a hub id like 'Qwen/Qwen3-8B', or {EMBEDDED!r}.")
+    _require_hub_id(source)
     path = _download(source)
   from diffmas_jax.io.safetensors_io import read_hf_dir
   hf_config, state = read_hf_dir(path)
@@ -70,8 +67,103 @@ def _download(hub_id: str) -> str:
   except Exception as e:  # offline, gated, or misspelled: all need the same advice
     raise ModelNotFoundError(
         f"could not load {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-        f"On a machine with access run `huggingface-cli download {hub_id} --local-dir DIR`, "
+        f"On a machine with access run `hf download {hub_id} --local-dir DIR`, "
         "copy DIR here, and pass it as the model source (--config.model.source=DIR).") from e
+
+
+def _looks_like_path(source: str) -> bool:
+  """Written as a path (./x, ../x, /x, ~/x, x/, a/b/c), or its first part is a local
+  directory (models/Qwen3-8B with ./models present): never taken for a hub id."""
+  if source.startswith((".", "/", "~")) or source.endswith("/") or source.count("/") > 1:
+    return True
+  return "/" in source and os.path.isdir(source.split("/", 1)[0])
+
+
+def _require_hub_id(source: str) -> None:
+  """Raises ModelNotFoundError unless a missing local `source` can only be a hub id."""
+  if _looks_like_path(source) or not _HUB_ID.match(source):
+    raise ModelNotFoundError(
+        f"model directory {source!r} does not exist (relative to {os.getcwd()}); pass an "
+        "existing HF model directory (config.json + *.safetensors) as the model source, a hub "
+        f"id like 'Qwen/Qwen3-8B', or {EMBEDDED!r}.")
+
+
+def check_source(source: str) -> ModelConfig | None:
+  """Checks a model source without reading any tensor; raises what loading would.
+
+  Local directories (and hub ids, whose config.json alone is fetched): the
+  directory, config.json, the weight files (and an index's shards) exist,
+  every safetensors file is as long as its header says (a truncated download
+  fails here), and config.json's architecture and rope scaling are supported.
+  Returns the ModelConfig (None for the embedded model, which ships whole).
+  """
+  import json
+
+  from diffmas_jax.io import safetensors_io as st
+
+  if source.startswith("embedded:"):
+    if source != EMBEDDED:
+      raise ModelNotFoundError(f"unknown embedded model {source!r}; the only one is {EMBEDDED!r}")
+    from diffmas_jax.io.gguf import default_gguf_path
+    try:
+      default_gguf_path()
+    except FileNotFoundError as e:
+      raise ModelNotFoundError(str(e)) from e
+    return None
+  path = os.path.expanduser(source)
+  if not os.path.isdir(path):
+    _require_hub_id(source)
+    return ModelConfig.from_hf(_hub_config(source))
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
+    raise st.CheckpointFileError(f"{config_file} is missing: an HF model directory needs "
+                                 "config.json next to its *.safetensors files; copy it from the "
+                                 "model's source.")
+  with open(config_file) as f:
+    cfg = ModelConfig.from_hf(json.load(f))  # architecture, rope scaling: before any tensor
+  weight_map = st._weight_map(path)
+  for name in sorted(set(weight_map.values())) if weight_map else st._unindexed_files(path):
+    _check_safetensors_length(os.path.join(path, name))
+  return cfg
+
+
+def _check_safetensors_length(file: str) -> None:
+  """Compares a safetensors file's size with the end of its last tensor (header only)."""
+  import json
+  import struct
+
+  from diffmas_jax.io.safetensors_io import CheckpointFileError
+
+  size = os.path.getsize(file)
+  try:
+    with open(file, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+  except (struct.error, ValueError):
+    header = None
+  if header is None:
+    raise CheckpointFileError(f"{file} is not a readable safetensors file (bad header); the "
+                              "download is incomplete or the file is damaged: fetch it again.")
+  end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+  if size < 8 + n + end:
+    raise CheckpointFileError(f"{file} is truncated ({size:,} bytes, its header needs "
+                              f"{8 + n + end:,}); the download is incomplete: fetch it again.")
+
+
+def _hub_config(hub_id: str) -> dict:
+  """config.json of a hub model (cached, or fetched alone), or the download advice."""
+  import json
+  try:
+    from huggingface_hub import hf_hub_download
+    with open(hf_hub_download(hub_id, "config.json")) as f:
+      return json.load(f)
+  except Exception as e:  # offline, gated, or misspelled: all need the same advice
+    raise ModelNotFoundError(
+        f"{hub_id!r} is neither a local directory (relative to {os.getcwd()}) nor a model "
+        f"this machine can fetch from the Hugging Face hub ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). On a machine with access run "
+        f"`hf download {hub_id} --local-dir DIR`, copy DIR here, and pass it as the model "
+        "source (--config.model.source=DIR).") from e
 
 
 def export_hf_dir(m: LoadedModel, out: str, max_shard_bytes: int | None = None) -> str:

@@ -20,6 +20,16 @@ Trace-keep options (which upstream slots stay visible; LatentMAS's switches):
   "latent_only"  upstream prompts are hidden, only latent-thought slots remain.
 Hidden slots get pos = -1 (`KVCache.keep`), so every mask downstream drops them.
 
+How the options act (`trace_cut`, the two readings of LatentMAS's switches):
+  "hide" (default) hides the slots above and keeps every position: latent_only
+                 keeps the latent slots of every agent so far.
+  "cut"          the public LatentMAS code: after each agent the cache is cut to
+                 its last m slots (latent_only: that agent's latent thoughts
+                 only) or to that agent's whole segment (own_segment), and the
+                 next tokens' positions restart right after the kept slots
+                 (their keys keep the rotation of their old positions, as in a
+                 truncated transformers cache).
+
 Agents with equal latent steps run as one `lax.scan` (sequential) or one
 `vmap` (hierarchical); agents whose m differ form consecutive groups, each a
 single scan/vmap, so per-role m costs one extra traced group, not one per agent.
@@ -43,6 +53,7 @@ from diffmas_jax.params import Weights
 TOPOLOGIES = ("sequential", "hierarchical")
 TRACE_KEEP = ("all", "own_segment", "latent_only")
 POSITION_LAYOUTS = ("continue", "shared_start")
+TRACE_CUTS = ("hide", "cut")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,17 +66,20 @@ class TraceSpec:
     topology: "sequential" or "hierarchical".
     trace_keep: "all", "own_segment" or "latent_only".
     position_layout: hierarchical only, "continue" or "shared_start".
+    trace_cut: how trace_keep acts: "hide" slots, or "cut" them and restart positions.
   """
 
   steps: tuple[int, ...]
   topology: str = "sequential"
   trace_keep: str = "all"
   position_layout: str = "continue"
+  trace_cut: str = "hide"
 
   def __post_init__(self):
     for field, value, allowed in (("topology", self.topology, TOPOLOGIES),
                                   ("trace_keep", self.trace_keep, TRACE_KEEP),
-                                  ("position_layout", self.position_layout, POSITION_LAYOUTS)):
+                                  ("position_layout", self.position_layout, POSITION_LAYOUTS),
+                                  ("trace_cut", self.trace_cut, TRACE_CUTS)):
       if value not in allowed:
         raise ValueError(f"{field}={value!r}; expected one of {allowed} "
                          f"(--config.agents.{field})")
@@ -76,6 +90,9 @@ class TraceSpec:
     if self.topology == "hierarchical" and self.trace_keep == "own_segment":
       raise ValueError("trace_keep='own_segment' with a hierarchical topology would hand the "
                        "solver only the last specialist's segment; use 'all' or 'latent_only'")
+    if self.topology == "hierarchical" and self.trace_cut == "cut" and self.trace_keep != "all":
+      raise ValueError("trace_cut='cut' cuts a chained trace after each agent; hierarchical "
+                       "specialists are independent: use trace_cut='hide'")
 
   @property
   def num_agents(self) -> int:
@@ -144,9 +161,23 @@ def keep_mask(cache: KVCache, start: jax.Array | int, spec: TraceSpec, prompt_le
     keep = jnp.ones_like(upstream)
   elif spec.trace_keep == "own_segment":
     keep = ~upstream | (agent == num_done - 1)
+  elif spec.trace_cut == "cut":  # latent_only, LatentMAS: the last agent's m latent slots
+    keep = ~upstream | (is_latent & (agent == num_done - 1))
   else:  # latent_only
     keep = ~upstream | is_latent
   return jnp.broadcast_to(keep, cache.pos.shape)
+
+
+def apply_keep(cache: KVCache, start: jax.Array | int, spec: TraceSpec, prompt_len: int,
+               num_done: jax.Array | int) -> KVCache:
+  """Hides the slots `keep_mask` drops; with trace_cut="cut" the kept slots are
+  renumbered 0, 1, ... per row, so the next token's position restarts after them."""
+  cache = cache.keep(keep_mask(cache, start, spec, prompt_len, num_done))
+  if spec.trace_cut == "cut":
+    filled = cache.pos >= 0
+    cache = dataclasses.replace(
+        cache, pos=jnp.where(filled, jnp.cumsum(filled, axis=1, dtype=jnp.int32) - 1, -1))
+  return cache
 
 
 def build(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
@@ -175,7 +206,7 @@ def build(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
     for first, stop, m in spec.groups():
       hide = None
       if spec.trace_keep != "all":
-        hide = lambda c, j, first=first: c.keep(keep_mask(c, start, spec, prompt_len, j + first))
+        hide = lambda c, j, first=first: apply_keep(c, start, spec, prompt_len, j + first)
       cache, h = agents.build_trace(weights, cfg, cache, tokens[first:stop], valid[first:stop],
                                     realigner, m, group_lora(first, stop), per_agent, remat,
                                     before_stage=hide)
@@ -193,7 +224,7 @@ def build(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
                               per_agent, remat)
       hs.append(h)
   if spec.trace_keep != "all":
-    cache = cache.keep(keep_mask(cache, start, spec, prompt_len, spec.num_agents))
+    cache = apply_keep(cache, start, spec, prompt_len, spec.num_agents)
   return cache, jnp.concatenate(hs, axis=0)
 
 

@@ -118,7 +118,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   roles = prompts.roles_from_config(cfg.agents)
   spec = topology.TraceSpec(steps=tuple(r.latent_steps for r in roles),
                             topology=cfg.agents.topology, trace_keep=cfg.agents.trace_keep,
-                            position_layout=cfg.agents.position_layout)
+                            position_layout=cfg.agents.position_layout,
+                            trace_cut=cfg.agents.get("trace_cut", "hide"))
   examples, excluded = training_examples(tc)
   encoded = data.encode_examples(
       model.tokenizer, examples, roles, max_prompt_tokens=tc.max_prompt_tokens,
@@ -136,8 +137,11 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   capacity = trace_capacity(sample, spec)
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, tc.batch_size, 1), mesh)
   weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
+  rows = agents.realign_row_count(cfg.agents.get("realign_rows", "tokenizer"),
+                                  getattr(model.tokenizer, "vocab_size", None),
+                                  model.cfg.vocab_size)
   realigner = jax.device_put(agents.make_realigner(weights, cfg.agents.realign_lambda,
-                                                   cfg.agents.realign), replicated)
+                                                   cfg.agents.realign, rows), replicated)
   params = train_lib.init_params(model.cfg, lora_cfg, tc.grad_mode, spec.num_agents,
                                  jax.random.key(tc.seed))
   state = jax.device_put(train_lib.init_state(params, optimizer, tc.seed), replicated)
@@ -173,6 +177,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   window: list[dict] = []
   bar = tqdm(total=total_micro, initial=start, unit="step", desc="train",
              disable=not show_progress or jax.process_index() != 0)
+  bar.set_postfix_str("compiling ...", refresh=True)  # the first step compiles (or loads) the step
   if probe and start == 0:
     metrics_log.log(0, probe_loss=probe(state.params))
   t_window = time.perf_counter()
@@ -193,6 +198,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
           "never continues an old run's checkpoints.")
     window.append(metrics)
     bar.update(1)
+    if micro == start:
+      bar.set_postfix_str("")
     done = micro + 1
     if metrics["applied"]:
       update = done // tc.grad_accum

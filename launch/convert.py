@@ -7,7 +7,11 @@ The result loads with `transformers.AutoModelForCausalLM.from_pretrained(out)` a
 with `--config.model.source=out` here.
 """
 
-from absl import app, flags
+import os
+
+from absl import flags
+
+from launch import cli
 
 flags.DEFINE_string("source", "embedded:smollm2-135m-instruct", "Model source (see loading.py).")
 flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -18,10 +22,21 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from diffmas_jax.loading import export_hf_dir, load_model
+  from diffmas_jax.config import DTYPES
+  from diffmas_jax.loading import check_source, export_hf_dir, load_model
+  cli.check_all(
+      lambda: check_source(FLAGS.source),
+      lambda: cli.check_writable_dir(os.path.dirname(os.path.abspath(FLAGS.out)), "--out"),
+      lambda: cli.check_value(os.path.isdir(FLAGS.out) or not os.path.lexists(FLAGS.out),
+                              f"--out={FLAGS.out} exists and is not a directory; choose another "
+                              "output path"),
+      lambda: cli.check_value(FLAGS.dtype in DTYPES, f"--dtype={FLAGS.dtype}: choose one of "
+                              f"{DTYPES}"),
+      lambda: cli.check_value(FLAGS.max_shard_mb >= 0, f"--max_shard_mb={FLAGS.max_shard_mb}: "
+                              "must be >= 0 (0 = one file)"))
   m = load_model(FLAGS.source, dtype=FLAGS.dtype)
   print(export_hf_dir(m, FLAGS.out, FLAGS.max_shard_mb * 2**20 or None))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

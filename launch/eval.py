@@ -9,8 +9,10 @@ Writes <workdir>/results.jsonl (one line per sample; rerunning skips finished
 samples), summary.md, summary.json, accuracy.png and run_config.json.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from launch import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/eval_*.py).",
                                 lock_config=True)
@@ -22,18 +24,19 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from diffmas_jax.evaluation import evaluate
-  from diffmas_jax.loading import load_model
-  from diffmas_jax.tasks import load_task
+  from diffmas_jax.loading import check_source, load_model
   from launch.runtime import init_runtime, make_workdir
 
   cfg = FLAGS.config
+  # Everything checkable without weights, before any long work; every failure reported.
+  records = cli.check_all(
+      lambda: cli.check_eval_config(cfg.eval, cfg.agents),
+      lambda: cli.check_writable_dir(FLAGS.workdir or cfg.workdir or f"runs/eval_{cfg.eval.task}"),
+      lambda: check_source(cfg.model.source),
+      lambda: cli.load_records(cfg.eval))[-1]
+  from diffmas_jax.evaluation import evaluate
   init_runtime(FLAGS.multihost)
   workdir = make_workdir(FLAGS.workdir or cfg.workdir, f"eval_{cfg.eval.task}")
-  # Data first: a missing dataset should fail before the model loads.
-  records = load_task(cfg.eval.task, split=cfg.eval.split or None,
-                      path=cfg.eval.data_path or None, limit=cfg.eval.limit or None,
-                      seed=cfg.eval.seed)
   model = load_model(cfg.model.source, dtype=cfg.model.dtype)
   out = evaluate(model, records, list(cfg.eval.methods), cfg.eval, cfg.agents, workdir)
   with open(out["summary_md"]) as f:
@@ -42,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

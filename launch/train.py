@@ -11,8 +11,10 @@ Rerunning the same command resumes: training continues from the last finished
 checkpoint and evaluation skips finished samples.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from launch import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/gpqa.py, ...).",
                                 lock_config=True)
@@ -29,26 +31,26 @@ def main(argv):
 
   from diffmas_jax import train as train_lib
   from diffmas_jax.evaluation import evaluate
-  from diffmas_jax.loading import load_model
-  from diffmas_jax.tasks import load_task
+  from diffmas_jax.loading import check_source, load_model
   from diffmas_jax.trainer import run_training, training_examples
   from launch.runtime import init_runtime, make_workdir, mesh_from_config
 
   logging.set_verbosity(logging.WARNING)
   cfg = FLAGS.config
-  train_lib.check_grad_mode(cfg.train.grad_mode)
+  methods = [] if FLAGS.skip_eval else list(cfg.eval.methods)
+  default_name = f"train_{cfg.train.data}_{cfg.train.grad_mode}"
+  # Everything checkable without weights, before any long work; every failure reported.
+  excluded = {}
+  train_data = lambda: excluded.setdefault("ids", training_examples(cfg.train)[1])
+  records = cli.check_all(
+      lambda: cli.as_input_error(train_lib.check_grad_mode, cfg.train.grad_mode),
+      lambda: cli.check_eval_config(cfg.eval, cfg.agents),
+      lambda: cli.check_writable_dir(FLAGS.workdir or cfg.workdir or f"runs/{default_name}"),
+      lambda: check_source(cfg.model.source), train_data,
+      lambda: cli.load_records(cfg.eval, excluded.get("ids", ())) if methods else [])[-1]
   init_runtime(FLAGS.multihost)
   mesh = mesh_from_config(cfg.mesh)
-  workdir = make_workdir(FLAGS.workdir or cfg.workdir,
-                         f"train_{cfg.train.data}_{cfg.train.grad_mode}")
-  # Everything that can be missing is checked before any long work starts.
-  methods = [] if FLAGS.skip_eval else list(cfg.eval.methods)
-  excluded = training_examples(cfg.train)[1]
-  records = []
-  if methods:
-    records = load_task(cfg.eval.task, split=cfg.eval.split or None,
-                        path=cfg.eval.data_path or None, limit=cfg.eval.limit or None,
-                        seed=cfg.eval.seed, exclude_ids=excluded)
+  workdir = make_workdir(FLAGS.workdir or cfg.workdir, default_name)
   model = load_model(cfg.model.source, dtype=cfg.model.dtype, remat=cfg.model.remat)
 
   result = run_training(cfg, model, workdir, mesh)
@@ -74,22 +76,5 @@ def _roles(cfg):
   return roles.split(",") if isinstance(roles, str) else list(roles)
 
 
-def _main_with_clear_errors(argv):
-  """Known user errors end with their message (exit 2), not a traceback."""
-  import sys
-
-  from diffmas_jax.checkpoint import CheckpointMismatchError
-  from diffmas_jax.data import TrainDataError
-  from diffmas_jax.loading import ModelNotFoundError
-  from diffmas_jax.tasks.records import TaskDataMissingError, TaskFormatError
-  from diffmas_jax.trainer import NonFiniteLossError
-  try:
-    main(argv)
-  except (CheckpointMismatchError, TrainDataError, ModelNotFoundError, TaskDataMissingError,
-          TaskFormatError, NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(_main_with_clear_errors)
+  cli.run(main)

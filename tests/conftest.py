@@ -4,6 +4,9 @@ import os
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "")
+# Launchers run in subprocesses use JAX's persistent compile cache unless told not to:
+# tests must not write to (or be sped up by) the user's cache.
+os.environ.setdefault("DIFFMAS_COMPILE_CACHE", "off")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

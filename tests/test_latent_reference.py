@@ -11,6 +11,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from conftest import make_hf_model, to_ours
@@ -24,8 +25,13 @@ AGENT_LENS = [(7, 4), (5, 7), (6, 3)]  # [agent][row] true prompt lengths (rows 
 SOLVER_LENS = (5, 3)
 
 
-def torch_reference(hf, prompts, solver, lam=1e-5):
-  """One row: returns per-layer (k, v) [K, S, Dh] after the solver prompt, and greedy tokens."""
+def torch_reference(hf, prompts, solver, lam=1e-5, cut=None):
+  """One row: returns per-layer (k, v) [K, S, Dh] after the solver prompt, and greedy tokens.
+
+  cut: None, or LatentMAS's `latent_only` / `sequential_info_only` as its code
+  does them: after each agent the cache is cut to its last m slots / to what
+  that agent added, and the next positions restart after the kept slots.
+  """
   w_in = hf.get_input_embeddings().weight.detach().double()
   w_out = hf.get_output_embeddings().weight.detach().double()
   w_a = torch.linalg.solve(w_out.T @ w_out + lam * torch.eye(w_in.shape[1], dtype=torch.float64),
@@ -46,6 +52,10 @@ def torch_reference(hf, prompts, solver, lam=1e-5):
         out = hf(inputs_embeds=realign(h)[:, None], past_key_values=past, use_cache=True,
                  output_hidden_states=True)
         past, h = out.past_key_values, out.hidden_states[-1][:, -1]
+      if cut:
+        keep = M if cut == "latent_only" else len(prompt) + M
+        for layer in past.layers:
+          layer.keys, layer.values = layer.keys[..., -keep:, :], layer.values[..., -keep:, :]
     out = hf(input_ids=torch.tensor([solver]), past_key_values=past, use_cache=True)
     kv = [(layer.keys[0].numpy().copy(), layer.values[0].numpy().copy())
           for layer in out.past_key_values.layers]
@@ -98,3 +108,33 @@ def test_latent_trace_and_solver_match_transformers():
       np.testing.assert_allclose(np.asarray(cache.k[layer, r][:, slots]), k_ref, atol=1e-4, rtol=0)
       np.testing.assert_allclose(np.asarray(cache.v[layer, r][:, slots]), v_ref, atol=1e-4, rtol=0)
     assert np.asarray(tokens[r]).tolist() == ref_tokens
+
+
+@pytest.mark.parametrize("keep", ["latent_only", "own_segment"])
+def test_cut_reading_matches_latentmas_truncated_cache(keep):
+  """trace_cut="cut": the solver sees what LatentMAS's truncated cache holds, at its positions."""
+  hf = make_hf_model("qwen3", seed=12)
+  cfg, weights = to_ours(hf)
+  rng = np.random.RandomState(1)
+  prompts = [[rng.randint(3, cfg.vocab_size, n).tolist() for n in lens] for lens in AGENT_LENS]
+  solver = [rng.randint(3, cfg.vocab_size, n).tolist() for n in SOLVER_LENS]
+  width = max(max(lens) for lens in AGENT_LENS)
+  agent = [_left_pad(p, width) for p in prompts]
+  batch = PipelineBatch(np.stack([t for t, _ in agent]), np.stack([v for _, v in agent]),
+                        *_left_pad(solver, max(SOLVER_LENS)))
+  spec = topology.TraceSpec((M,) * A, trace_keep=keep, trace_cut="cut")
+  cache = KVCache.init(cfg, 2, pipeline_capacity(batch, spec, N_NEW))
+  cache, tokens = ours(weights, cfg, cache, batch.as_jax(), agents.make_realigner(weights, 1e-5),
+                       spec=spec)
+  end = pipeline_capacity(batch, spec)
+  for r in range(2):
+    ref_kv, ref_tokens = torch_reference(hf, [p[r] for p in prompts], solver[r], cut=keep)
+    slots = np.flatnonzero(np.asarray(cache.pos[r, :end]) >= 0)
+    kept = M if keep == "latent_only" else AGENT_LENS[-1][r] + M
+    assert len(slots) == kept + SOLVER_LENS[r]
+    np.testing.assert_array_equal(np.asarray(cache.pos[r, slots]), np.arange(len(slots)))
+    for layer, (k_ref, v_ref) in enumerate(ref_kv):
+      np.testing.assert_allclose(np.asarray(cache.k[layer, r][:, slots]), k_ref, atol=1e-4, rtol=0)
+      np.testing.assert_allclose(np.asarray(cache.v[layer, r][:, slots]), v_ref, atol=1e-4, rtol=0)
+    assert np.asarray(tokens[r]).tolist() == ref_tokens
+

@@ -77,8 +77,10 @@ def test_unsupported_config_attribute_is_named(tmp_path):
     load_model(str(tmp_path))
 
 
-def test_missing_sources_explain_what_to_do(tmp_path):
-  with pytest.raises(ModelNotFoundError, match="not a directory"):
+def test_missing_sources_explain_what_to_do(tmp_path, monkeypatch):
+  from huggingface_hub import constants
+  with pytest.raises(ModelNotFoundError, match="does not exist"):
     load_model(str(tmp_path / "nope" / "x"))
-  with pytest.raises(ModelNotFoundError, match="huggingface-cli download"):
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network retries
+  with pytest.raises(ModelNotFoundError, match="hf download NoSuchOrg-xyz/NoSuchModel-0B"):
     load_model("NoSuchOrg-xyz/NoSuchModel-0B")  # offline here; a typo online: same advice

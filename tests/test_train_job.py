@@ -124,7 +124,12 @@ def test_missing_inputs_fail_fast_with_instructions(tiny_job, tmp_path):
   proc = _run(_args(model_dir, str(bad), tmp_path / "b"), expect_rc=2)
   assert "line 1" in proc.stderr and "target" in proc.stderr
   proc = _run(_args(model_dir, data_path, tmp_path / "m", "--config.train.grad_mode=sideways"),
-              expect_rc=1)
-  assert "does not exist" in proc.stderr
+              expect_rc=2)
+  assert "error: train.grad_mode='sideways' does not exist" in proc.stderr
+  assert "Traceback" not in proc.stderr
   proc = _run(_args(model_dir, data_path, tmp_path / "k", "--config.train.lrr=1"), expect_rc=1)
-  assert "lrr" in proc.stderr and "lr" in proc.stderr
+  assert "lrr" in proc.stderr and "Did you mean" in proc.stderr and "Traceback" not in proc.stderr
+  # Model and data problems are reported together, before anything is loaded.
+  proc = _run(_args(str(tmp_path / "no_model"), str(tmp_path / "no.jsonl"), tmp_path / "t"),
+              expect_rc=2)
+  assert "no_model" in proc.stderr and "no.jsonl" in proc.stderr

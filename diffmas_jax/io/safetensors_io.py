@@ -174,7 +174,17 @@ def _generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _replace_dir(new: str, target: str) -> None:
-  """Renames `new` to `target`; an old `target` is moved aside first and deleted after."""
+  """Renames `new` to `target`; an old `target` is moved aside first and deleted after.
+
+  `new` comes from mkdtemp (mode 0700) and safetensors writes its files 0600;
+  they get the modes a plain mkdir / open would give (0777 / 0666 minus the
+  umask), so an export is as readable as any other directory.
+  """
+  mask = _umask()
+  for root, dirs, files in os.walk(new):
+    os.chmod(root, 0o777 & ~mask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~mask)
   if not os.path.lexists(target):
     os.replace(new, target)
     return
@@ -187,6 +197,12 @@ def _replace_dir(new: str, target: str) -> None:
     raise
   finally:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+  mask = os.umask(0)  # the only way to read it; set straight back
+  os.umask(mask)
+  return mask
 
 
 def _write_json(path: str, obj: dict) -> None:

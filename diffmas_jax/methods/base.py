@@ -59,6 +59,8 @@ class RunContext:
   position_layout: str = "continue"  # hierarchical: continue | shared_start
   realign: bool = True  # False keeps the norm rescale (W_a = I)
   realign_lambda: float = 1e-5
+  realign_rows: str = "tokenizer"  # tokenizer (LatentMAS: len(tokenizer) rows) | all
+  trace_cut: str = "hide"  # hide | cut (LatentMAS: cut the cache, restart positions)
   template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   max_new_tokens: int = 512  # solver (and single)
   agent_max_new_tokens: int = 256  # each text_mas upstream agent
@@ -77,6 +79,8 @@ class RunContext:
         solver_text=prompts.solver_text(agents_cfg), topology=agents_cfg.topology,
         trace_keep=agents_cfg.trace_keep, position_layout=agents_cfg.position_layout,
         realign=agents_cfg.realign, realign_lambda=agents_cfg.realign_lambda,
+        realign_rows=agents_cfg.get("realign_rows", "tokenizer"),
+        trace_cut=agents_cfg.get("trace_cut", "hide"),
         template_kwargs=prompts.template_kwargs(model.tokenizer, agents_cfg.enable_thinking),
         max_new_tokens=eval_cfg.max_new_tokens,
         agent_max_new_tokens=agents_cfg.agent_max_new_tokens, temperature=eval_cfg.temperature,
@@ -90,11 +94,13 @@ class RunContext:
     """The latent trace's static layout (validated on access)."""
     return topology.TraceSpec(steps=tuple(r.latent_steps for r in self.roles),
                               topology=self.topology, trace_keep=self.trace_keep,
-                              position_layout=self.position_layout)
+                              position_layout=self.position_layout, trace_cut=self.trace_cut)
 
   @functools.cached_property
   def realigner(self) -> agents.Realigner:
-    return agents.make_realigner(self.model.weights, self.realign_lambda, self.realign)
+    tokenizer_size = getattr(self.model.tokenizer, "vocab_size", None)
+    rows = agents.realign_row_count(self.realign_rows, tokenizer_size, self.model.cfg.vocab_size)
+    return agents.make_realigner(self.model.weights, self.realign_lambda, self.realign, rows)
 
   def sampling_config(self, max_new_tokens: int) -> sampling.SamplingConfig:
     tok = self.model.tokenizer
