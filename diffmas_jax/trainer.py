@@ -135,6 +135,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   batch_sh = _batch_shardings(mesh, sample)
   capacity = trace_capacity(sample, spec)
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, tc.batch_size, 1), mesh)
+  # A no-op (same arrays) when the model was loaded with load_model(..., mesh=mesh), as the
+  # launcher does; otherwise the caller's unsharded copy stays alive beside this one.
   weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
   realigner = jax.device_put(agents.make_realigner(weights, cfg.agents.realign_lambda,
                                                    cfg.agents.realign), replicated)

@@ -49,7 +49,9 @@ def main(argv):
     records = load_task(cfg.eval.task, split=cfg.eval.split or None,
                         path=cfg.eval.data_path or None, limit=cfg.eval.limit or None,
                         seed=cfg.eval.seed, exclude_ids=excluded)
-  model = load_model(cfg.model.source, dtype=cfg.model.dtype, remat=cfg.model.remat)
+  # Straight into the training shardings: no unsharded copy on any host or device.
+  model = load_model(cfg.model.source, dtype=cfg.model.dtype, remat=cfg.model.remat,
+                     mesh=mesh)
 
   result = run_training(cfg, model, workdir, mesh)
   adapters = train_lib.adapters_for(result.params, cfg.train.grad_mode)
