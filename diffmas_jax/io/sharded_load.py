@@ -1,10 +1,11 @@
 """HF tensors -> `Weights` placed straight into their target shardings.
 
-Every leaf is built with `jax.make_array_from_callback`: for each block a local
-device holds, the callback reads only the HF rows/columns that block covers
-(one layer's tensor at a time for the stacked `layers` axis), converts that
-slice to our layout and dtype, and returns it. No process ever holds a whole
-checkpoint, a whole leaf on one device, or tensors its devices do not need.
+Every leaf is built block by block (as `jax.make_array_from_callback` does, see
+`_place`): for each block a local device holds, a reader fetches only the HF
+rows/columns that block covers (one layer's tensor at a time for the stacked
+`layers` axis), converts that slice to our layout and dtype, and puts it on its
+device. No process ever holds a whole checkpoint, a whole leaf on one device,
+or tensors its devices do not need; host memory holds one block in transit.
 
 A source is anything with `shapes` ({HF name: HF shape}) and
 `read(name, index) -> numpy` (index: one slice per HF axis); files are read by
@@ -102,18 +103,27 @@ def _top_leaf_reader(source, name: str, layout: HFLayout, dtype):
 
 
 def _place(read, shape: tuple[int, ...], sharding) -> jax.Array:
-  """One leaf: onto `sharding` block by block, or whole onto the default device."""
+  """One leaf: onto `sharding` block by block, or whole onto the default device.
+
+  Like `jax.make_array_from_callback`, but each block goes to its device(s)
+  as soon as it is read: make_array_from_callback first collects every local
+  block, i.e. a whole leaf of host memory on a single host, before transferring
+  any. Devices that replicate a block share one read.
+  """
   if sharding is None:
     return jnp.asarray(read((slice(None),) * len(shape)))
-  done: dict[tuple, np.ndarray] = {}  # devices that replicate a block share one read
-
-  def callback(index: Index) -> np.ndarray:
-    key = tuple(_normalise(index, shape))
-    if key not in done:
-      done[key] = read(index)
-    return done[key]
-
-  return jax.make_array_from_callback(shape, sharding, callback)
+  devices_of: dict[tuple, list] = {}
+  index_map = sharding.addressable_devices_indices_map(shape)
+  for device, index in index_map.items():
+    devices_of.setdefault(tuple(_normalise(index, shape)), []).append(device)
+  placed = {}
+  for key, devices in devices_of.items():
+    block = read(tuple(slice(a, b) for a, b in key))
+    for device in devices:
+      placed[device] = jax.device_put(block, device).block_until_ready()  # then drop `block`
+    del block
+  return jax.make_array_from_single_device_arrays(shape, sharding,
+                                                  [placed[d] for d in index_map])
 
 
 def load_weights(cfg: ModelConfig, source: TensorSource, shardings: Weights | None = None
