@@ -51,6 +51,7 @@ flags.DEFINE_integer("runs", 3, "Runs per loader (each a fresh process).")
 flags.DEFINE_string("loaders", "sharded,old", "Comma list: sharded, old.")
 flags.DEFINE_string("old_commit", "af08a7c", "Commit whose loader is `old` (the last one before "
                     "sharded loading).")
+flags.DEFINE_integer("wait_minutes", 20, "How long a run waits for enough free memory.")
 flags.DEFINE_string("out", "", "Write all runs and the summary as JSON here.")
 flags.DEFINE_string("worker", "", "Internal: sharded | old (one measured load).")
 flags.DEFINE_string("tree", "", "Internal: source tree the old worker imports.")
@@ -175,7 +176,34 @@ def _export_old_tree(commit: str, into: str) -> str:
   return into
 
 
+def _available_bytes() -> int:
+  with open("/proc/meminfo") as f:
+    fields = dict(line.split(":", 1) for line in f)
+  return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def _wait_for_memory(need: float, kind: str) -> None:
+  """Waits (up to --wait_minutes) until `need` bytes are free: a shared host must not OOM."""
+  deadline = time.time() + 60 * FLAGS.wait_minutes
+  while _available_bytes() < need:
+    if time.time() > deadline:
+      raise RuntimeError(f"{kind} run needs about {need / 1e9:.1f} GB but only "
+                         f"{_available_bytes() / 1e9:.1f} GB are available; free memory or "
+                         "use a smaller checkpoint (--layers).")
+    time.sleep(20)
+
+
+def _share_bytes() -> float:
+  """The float32/bf16 size of the checkpoint once loaded (all 8 devices are local)."""
+  files = [f for f in os.listdir(FLAGS.ckpt_dir) if f.endswith(".safetensors")]
+  stored = sum(os.path.getsize(os.path.join(FLAGS.ckpt_dir, f)) for f in files)
+  size = {"float32": 4, "bfloat16": 2}
+  return stored * size[FLAGS.dtype] / size[FLAGS.store_dtype]
+
+
 def _run_worker(kind: str, tree: str) -> dict:
+  # Measured peaks: sharded about 1.2 x share, old about 2.3 x share (+ the stored bytes).
+  _wait_for_memory((1.5 if kind == "sharded" else 3.0) * _share_bytes() + 0.5e9, kind)
   args = [sys.executable, "-m", "bench.bench_loading", f"--worker={kind}", f"--tree={tree}",
           f"--ckpt_dir={FLAGS.ckpt_dir}", f"--mesh={FLAGS.mesh}", f"--dtype={FLAGS.dtype}"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
