@@ -193,17 +193,18 @@ def _wait_for_memory(need: float, kind: str) -> None:
     time.sleep(20)
 
 
-def _share_bytes() -> float:
-  """The float32/bf16 size of the checkpoint once loaded (all 8 devices are local)."""
+def _stored_and_share_bytes() -> tuple[int, float]:
+  """Bytes in the files, and once loaded in --dtype (all 8 devices are local)."""
   files = [f for f in os.listdir(FLAGS.ckpt_dir) if f.endswith(".safetensors")]
   stored = sum(os.path.getsize(os.path.join(FLAGS.ckpt_dir, f)) for f in files)
   size = {"float32": 4, "bfloat16": 2}
-  return stored * size[FLAGS.dtype] / size[FLAGS.store_dtype]
+  return stored, stored * size[FLAGS.dtype] / size[FLAGS.store_dtype]
 
 
 def _run_worker(kind: str, tree: str) -> dict:
-  # Measured peaks: sharded about 1.2 x share, old about 2.3 x share (+ the stored bytes).
-  _wait_for_memory((1.5 if kind == "sharded" else 3.0) * _share_bytes() + 0.5e9, kind)
+  # Peaks measured: sharded about 1.1-1.2 x share; old the stored bytes + about 2 x share.
+  stored, share = _stored_and_share_bytes()
+  _wait_for_memory((1.4 * share if kind == "sharded" else stored + 2.4 * share) + 0.5e9, kind)
   args = [sys.executable, "-m", "bench.bench_loading", f"--worker={kind}", f"--tree={tree}",
           f"--ckpt_dir={FLAGS.ckpt_dir}", f"--mesh={FLAGS.mesh}", f"--dtype={FLAGS.dtype}"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
