@@ -46,7 +46,7 @@ def load_model(source: str = EMBEDDED, dtype: str = "float32", remat: str = "non
       slices its devices hold. None puts the weights whole on the default device.
     rules: logical-axis rules (default `sharding.DEFAULT_RULES`); only with `mesh`.
   """
-  hf_config, tensors, tokenizer = _open_source(source)
+  hf_config, tensors, tokenizer = _read_source(source)
   cfg = ModelConfig.from_hf(hf_config, dtype=dtype, remat=remat)
   shardings = None
   if mesh is not None:
@@ -56,7 +56,7 @@ def load_model(source: str = EMBEDDED, dtype: str = "float32", remat: str = "non
   return LoadedModel(cfg, weights, tokenizer, source)
 
 
-def _open_source(source: str):
+def _read_source(source: str):
   """(HF config dict, lazy tensor source, tokenizer); no tensor data is read yet."""
   if source.startswith("embedded:"):
     if source != EMBEDDED:

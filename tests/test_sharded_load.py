@@ -151,3 +151,17 @@ def test_dict_source_rejects_mismatched_checkpoints():
   from diffmas_jax.params import CheckpointMismatchError
   with pytest.raises(CheckpointMismatchError, match="missing tensors"):
     load_weights(cfg, DictSource({"model.norm.weight": np.ones(32, np.float32)}))
+
+
+def test_safetensors_reads_in_row_chunks(qwen2_dir, monkeypatch):
+  from diffmas_jax.io import safetensors_io
+  path, _ = qwen2_dir
+  source = SafetensorsSource(path)
+  name = "model.layers.0.mlp.down_proj.weight"  # [32, 64] f32: 256-byte rows
+  full = source.read(name)
+  monkeypatch.setattr(safetensors_io, "READ_CHUNK_BYTES", 3 * 256)  # 3 rows per mapping
+  np.testing.assert_array_equal(source.read(name, (slice(1, 30), slice(5, 20))), full[1:30, 5:20])
+  np.testing.assert_array_equal(source.read(name, (slice(4, 6),)), full[4:6])
+  norm = SafetensorsSource(path).read("model.norm.weight")  # 1-D, 128 bytes: 1 chunk
+  monkeypatch.setattr(safetensors_io, "READ_CHUNK_BYTES", 40)  # 10 floats per mapping
+  np.testing.assert_array_equal(source.read("model.norm.weight", (slice(3, 31),)), norm[3:31])

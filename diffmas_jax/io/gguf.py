@@ -1,7 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct read from a GGUF file, without torch.
 
 Tensors are dequantised with the `gguf` package (numpy) into HF names and the HF
-[out, in] layout, so the model converter handles GGUF and HF checkpoints alike.
+[out, in] layout, so the model converter handles GGUF and HF checkpoints alike;
+`GGUFSource` does so lazily, by row range, for sharded loading.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,6 +19,9 @@ import numpy as np
 from diffmas_jax.tokenizer import Tokenizer
 
 INDEX = "model.safetensors.index.json"
+READ_CHUNK_BYTES = 32 * 2**20  # rows mapped at once by SafetensorsSource.read
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+             "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 SINGLE = "model.safetensors"
 
 
@@ -57,6 +61,7 @@ class SafetensorsSource:
     names = sorted(set(weight_map.values())) if weight_map else _unindexed_files(path)
     self.files: dict[str, str] = {}
     self.shapes: dict[str, tuple[int, ...]] = {}
+    self.dtypes: dict[str, str] = {}
     self.bytes_read = 0
     for name in names:
       file = os.path.join(path, name)
@@ -68,6 +73,7 @@ class SafetensorsSource:
                                         "safetensors file; remove the stray copy.")
             self.files[key] = file
             self.shapes[key] = tuple(f.get_slice(key).get_shape())
+            self.dtypes[key] = f.get_slice(key).get_dtype()
     absent = sorted(set(weight_map) - set(self.files))
     if absent:
       raise CheckpointFileError(f"{path}: {INDEX} names tensors that its shards do not hold "
@@ -75,13 +81,33 @@ class SafetensorsSource:
                                 "fetch the shards again.")
 
   def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
-    """Block `index` (one slice per axis, trailing axes whole) of `name`, stored dtype."""
-    file = self.files[name]
-    with _reading(file):
-      with _safe_open(file) as f:
-        block = f.get_slice(name)[tuple(index) or slice(None)]
-    self.bytes_read += block.nbytes
-    return block
+    """Block `index` (one slice per axis, trailing axes whole) of `name`, stored dtype.
+
+    Read in chunks of whole rows, each through its own mapping: a column slice
+    touches every page of its rows, and mapped pages count as this process's
+    memory until unmapped.
+    """
+    file, shape = self.files[name], self.shapes[name]
+    if not shape:
+      index = ()
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    r0, r1, _ = index[0].indices(shape[0]) if shape else (0, 1, 1)
+    row_bytes = math.prod(shape[1:]) * _ITEMSIZE.get(self.dtypes[name], 8)
+    step = max(1, READ_CHUNK_BYTES // row_bytes)
+    out = None
+    for a in range(r0, max(r1, r0 + 1), step):
+      b = min(a + step, r1)
+      with _reading(file):
+        with _safe_open(file) as f:
+          part = f.get_slice(name)[(slice(a, b), *index[1:]) if shape else slice(None)]
+      if out is None:
+        if b == r1:  # a single chunk: no copy
+          out = part
+          break
+        out = np.empty((r1 - r0, *part.shape[1:]), part.dtype)
+      out[a - r0:b - r0] = part
+    self.bytes_read += out.nbytes
+    return out
 
 
 def open_hf_dir(path: str) -> tuple[dict[str, Any], SafetensorsSource]:
