@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from typing import Mapping
+
+import jax
 
 from diffmas_jax.config import ModelConfig
-from diffmas_jax.params import Weights, weights_from_hf_state_dict
+from diffmas_jax.io.sharded_load import load_weights
+from diffmas_jax.params import Weights
 from diffmas_jax.tokenizer import Tokenizer
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
@@ -26,7 +30,9 @@ class ModelNotFoundError(FileNotFoundError):
   """The requested weights are not on this machine and cannot be downloaded."""
 
 
-def load_model(source: str = EMBEDDED, dtype: str = "float32", remat: str = "none") -> LoadedModel:
+def load_model(source: str = EMBEDDED, dtype: str = "float32", remat: str = "none",
+               mesh: jax.sharding.Mesh | None = None, rules: Mapping | None = None
+               ) -> LoadedModel:
   """Loads weights + tokenizer.
 
   Args:
@@ -35,27 +41,36 @@ def load_model(source: str = EMBEDDED, dtype: str = "float32", remat: str = "non
       hub id such as "Qwen/Qwen3-8B" (downloaded once into the HF cache).
     dtype: parameter dtype, "float32" or "bfloat16".
     remat: per-layer activation checkpointing policy (training).
+    mesh: load every weight straight into its sharding on this mesh
+      (`sharding.weight_shardings` with `rules`): each process reads only the
+      slices its devices hold. None puts the weights whole on the default device.
+    rules: logical-axis rules (default `sharding.DEFAULT_RULES`); only with `mesh`.
   """
-  hf_config, state, tokenizer = _read_source(source)
+  hf_config, tensors, tokenizer = _read_source(source)
   cfg = ModelConfig.from_hf(hf_config, dtype=dtype, remat=remat)
-  weights = weights_from_hf_state_dict(cfg, state, consume=True)
+  shardings = None
+  if mesh is not None:
+    from diffmas_jax import sharding
+    shardings = sharding.weight_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES)
+  weights = load_weights(cfg, tensors, shardings)
   return LoadedModel(cfg, weights, tokenizer, source)
 
 
 def _read_source(source: str):
+  """(HF config dict, lazy tensor source, tokenizer); no tensor data is read yet."""
   if source.startswith("embedded:"):
     if source != EMBEDDED:
       raise ModelNotFoundError(f"unknown embedded model {source!r}; the only one is {EMBEDDED!r}")
-    from diffmas_jax.io.gguf import default_gguf_path, load_gguf
-    g = load_gguf(default_gguf_path())
-    return g.hf_config, g.state_dict, g.tokenizer
+    from diffmas_jax.io.gguf import GGUFSource, default_gguf_path
+    g = GGUFSource(default_gguf_path())
+    return g.hf_config, g, Tokenizer.from_gguf_metadata(g.tokenizer_metadata)
   path = os.path.expanduser(source)
   if not os.path.isdir(path):
     _require_hub_id(source)
     path = _download(source)
-  from diffmas_jax.io.safetensors_io import read_hf_dir
-  hf_config, state = read_hf_dir(path)
-  return hf_config, state, Tokenizer.from_pretrained(path)
+  from diffmas_jax.io.safetensors_io import open_hf_dir
+  hf_config, tensors = open_hf_dir(path)
+  return hf_config, tensors, Tokenizer.from_pretrained(path)
 
 
 def _download(hub_id: str) -> str:

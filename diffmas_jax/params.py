@@ -8,6 +8,7 @@ h heads, k kv-heads, g heads per kv-head, e head dim, f ffn, v vocab, l layer, r
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping
 
@@ -132,43 +133,77 @@ def count_params(tree) -> int:
 
 
 # ---------------------------------------------------------------------------
-# HF conversion. Each row: regex on the HF name -> (our leaf, to_ours, to_hf).
-# HF Linear weights are [out, in]; ours put the contracted (input) dims first.
+# HF conversion. Each row: HF name suffix -> (our leaf, HFLayout). HF Linear
+# weights are [out, in]; ours put the contracted (input) dims first. The layout
+# is declarative so a loader can convert any block of a leaf on its own
+# (diffmas_jax/io/sharded_load.py) without materialising the whole tensor.
 # ---------------------------------------------------------------------------
 
 
-def _hf_rows(cfg: ModelConfig):
+@dataclasses.dataclass(frozen=True)
+class HFLayout:
+  """How one HF tensor (torch layout) becomes one of our leaves (one layer's part).
+
+  The HF tensor is viewed as `view` (each stored axis split into the listed
+  sizes: a reshape that moves no data), then transposed: our axis j is view
+  axis `perm[j]`.
+  """
+  view: tuple[tuple[int, ...], ...]
+  perm: tuple[int, ...]
+
+  @property
+  def hf_shape(self) -> tuple[int, ...]:
+    return tuple(math.prod(g) for g in self.view)
+
+  @property
+  def view_shape(self) -> tuple[int, ...]:
+    return tuple(s for g in self.view for s in g)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Our shape (without the layer axis)."""
+    return tuple(self.view_shape[p] for p in self.perm)
+
+  def to_ours(self, w: np.ndarray) -> np.ndarray:
+    return np.asarray(w).reshape(self.view_shape).transpose(self.perm)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return np.asarray(x).transpose(np.argsort(self.perm)).reshape(self.hf_shape)
+
+
+def _hf_rows(cfg: ModelConfig) -> list[tuple[str, str, HFLayout]]:
+  """Per-layer tensors: (HF suffix after `model.layers.{i}.`, our leaf, layout)."""
   d, h, k, e, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-
-  def in_out(*out_shape):  # [out, in] -> [in, *out_shape]
-    return (lambda w: w.T.reshape(w.shape[1], *out_shape),
-            lambda w: w.reshape(w.shape[0], -1).T)
-
-  def out_in(*in_shape):  # o_proj [D, H*Dh] -> [H, Dh, D]
-    return (lambda w: w.T.reshape(*in_shape, w.shape[0]),
-            lambda w: w.reshape(-1, w.shape[-1]).T)
-
-  same = (lambda w: w, lambda w: w)
-  flat = lambda *shape: (lambda w: w.reshape(*shape), lambda w: w.reshape(-1))
+  in_heads = lambda n: HFLayout(((n, e), (d,)), (2, 0, 1))  # [N*Dh, D] -> [D, N, Dh]
+  transposed = lambda out, inp: HFLayout(((out,), (inp,)), (1, 0))  # [out, in] -> [in, out]
+  vector = lambda *split: HFLayout((split,), tuple(range(len(split))))
   rows = [
-      ("input_layernorm.weight", "attn_norm", same, (d,)),
-      ("post_attention_layernorm.weight", "mlp_norm", same, (d,)),
-      ("self_attn.q_proj.weight", "q", in_out(h, e), (h * e, d)),
-      ("self_attn.k_proj.weight", "k", in_out(k, e), (k * e, d)),
-      ("self_attn.v_proj.weight", "v", in_out(k, e), (k * e, d)),
-      ("self_attn.o_proj.weight", "o", out_in(h, e), (d, h * e)),
-      ("mlp.gate_proj.weight", "gate", in_out(f), (f, d)),
-      ("mlp.up_proj.weight", "up", in_out(f), (f, d)),
-      ("mlp.down_proj.weight", "down", in_out(d), (d, f)),
+      ("input_layernorm.weight", "attn_norm", vector(d)),
+      ("post_attention_layernorm.weight", "mlp_norm", vector(d)),
+      ("self_attn.q_proj.weight", "q", in_heads(h)),
+      ("self_attn.k_proj.weight", "k", in_heads(k)),
+      ("self_attn.v_proj.weight", "v", in_heads(k)),
+      ("self_attn.o_proj.weight", "o", HFLayout(((d,), (h, e)), (1, 2, 0))),  # -> [H, Dh, D]
+      ("mlp.gate_proj.weight", "gate", transposed(f, d)),
+      ("mlp.up_proj.weight", "up", transposed(f, d)),
+      ("mlp.down_proj.weight", "down", transposed(d, f)),
   ]
   if cfg.qk_norm:
-    rows += [("self_attn.q_norm.weight", "q_norm", same, (e,)),
-             ("self_attn.k_norm.weight", "k_norm", same, (e,))]
+    rows += [("self_attn.q_norm.weight", "q_norm", vector(e)),
+             ("self_attn.k_norm.weight", "k_norm", vector(e))]
   if cfg.qkv_bias:
-    rows += [("self_attn.q_proj.bias", "q_bias", flat(h, e), (h * e,)),
-             ("self_attn.k_proj.bias", "k_bias", flat(k, e), (k * e,)),
-             ("self_attn.v_proj.bias", "v_bias", flat(k, e), (k * e,))]
+    rows += [("self_attn.q_proj.bias", "q_bias", vector(h, e)),
+             ("self_attn.k_proj.bias", "k_bias", vector(k, e)),
+             ("self_attn.v_proj.bias", "v_bias", vector(k, e))]
   return rows
+
+
+def _hf_top_rows(cfg: ModelConfig) -> dict[str, tuple[str, HFLayout]]:
+  """Whole-model tensors: HF name -> (our leaf, layout)."""
+  d, v = cfg.hidden_size, cfg.vocab_size
+  return {"model.embed_tokens.weight": ("embed", HFLayout(((v,), (d,)), (0, 1))),
+          "model.norm.weight": ("final_norm", HFLayout(((d,),), (0,))),
+          "lm_head.weight": ("lm_head", HFLayout(((v,), (d,)), (1, 0)))}  # -> [D, V]
 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -179,45 +214,46 @@ class CheckpointMismatchError(ValueError):
   """A state dict does not match the config (unknown, missing or mis-shaped tensors)."""
 
 
-def weights_from_hf_state_dict(cfg: ModelConfig, state: dict[str, np.ndarray],
-                               consume: bool = False) -> Weights:
-  """Converts an HF-named state dict (numpy, [out, in] layout) into `Weights`.
+@dataclasses.dataclass(frozen=True)
+class HFPlan:
+  """Which HF tensors feed each leaf: layers[leaf] lists one name per layer."""
+  layers: dict[str, tuple[list[str], HFLayout]]
+  top: dict[str, tuple[str, HFLayout]]
 
-  Validates every name and shape first, then converts one leaf at a time. With
-  `consume=True` each source tensor is dropped from `state` once converted, so
-  peak memory stays near one copy of the weights (matters for 8B+ models).
+
+def plan_hf_tensors(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> HFPlan:
+  """Matches HF tensor names and shapes (no data) against the config.
+
   Raises CheckpointMismatchError naming every unknown, missing or mis-shaped tensor.
   """
-  rows = {suffix: (ours, conv[0], shape) for suffix, ours, conv, shape in _hf_rows(cfg)}
-  layer_src: dict[str, list] = {ours: [None] * cfg.num_layers for ours, _, _ in rows.values()}
-  top_src: dict[str, str] = {}
+  rows = {suffix: (ours, layout) for suffix, ours, layout in _hf_rows(cfg)}
+  layer_src: dict[str, list] = {ours: [None] * cfg.num_layers for ours, _ in rows.values()}
+  top_rows = _hf_top_rows(cfg)
+  top_src: dict[str, tuple[str, HFLayout]] = {}
   errors: list[str] = []
 
-  def check_shape(name, shape) -> bool:
-    if tuple(state[name].shape) != tuple(shape):
-      errors.append(f"{name}: shape {tuple(state[name].shape)}, expected {tuple(shape)}")
+  def check_shape(name, layout) -> bool:
+    if tuple(shapes[name]) != layout.hf_shape:
+      errors.append(f"{name}: shape {tuple(shapes[name])}, expected {layout.hf_shape}")
       return False
     return True
 
-  top_rows = {"model.embed_tokens.weight": ("embed", (cfg.vocab_size, cfg.hidden_size)),
-              "model.norm.weight": ("final_norm", (cfg.hidden_size,)),
-              "lm_head.weight": ("lm_head", (cfg.vocab_size, cfg.hidden_size))}
-  for name in list(state):
+  for name in list(shapes):
     if _IGNORED_HF.search(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
       continue  # some exports also write the tied copy
     m = _LAYER_RE.match(name)
     if m and m.group(2) in rows and int(m.group(1)) < cfg.num_layers:
-      ours, _, shape = rows[m.group(2)]
-      if check_shape(name, shape):
+      ours, layout = rows[m.group(2)]
+      if check_shape(name, layout):
         layer_src[ours][int(m.group(1))] = name
     elif name in top_rows:
       if check_shape(name, top_rows[name][1]):
-        top_src[top_rows[name][0]] = name
+        top_src[top_rows[name][0]] = (name, top_rows[name][1])
     else:
       errors.append(f"{name}: unknown tensor for a {cfg.family} model with "
                     f"{cfg.num_layers} layers")
 
-  missing = [f"model.layers.{i}.{suffix}" for suffix, (ours, _, _) in rows.items()
+  missing = [f"model.layers.{i}.{suffix}" for suffix, (ours, _) in rows.items()
              for i, src in enumerate(layer_src[ours]) if src is None]
   needed = ["embed", "final_norm"] + ([] if cfg.tie_word_embeddings else ["lm_head"])
   missing += [n for n, (key, _) in top_rows.items() if key in needed and key not in top_src]
@@ -228,36 +264,33 @@ def weights_from_hf_state_dict(cfg: ModelConfig, state: dict[str, np.ndarray],
     raise CheckpointMismatchError(
         "checkpoint does not match the model config:\n  " + "\n  ".join(errors) +
         "\nCheck that config.json belongs to these weights and that every shard downloaded.")
+  layouts = {ours: layout for ours, layout in rows.values()}
+  return HFPlan({ours: (names, layouts[ours]) for ours, names in layer_src.items()}, top_src)
 
-  dtype = param_dtype(cfg)
 
-  def take(name: str) -> np.ndarray:
-    return state.pop(name) if consume else state[name]
+def weights_from_hf_state_dict(cfg: ModelConfig, state: dict[str, np.ndarray],
+                               consume: bool = False) -> Weights:
+  """Converts an HF-named state dict (numpy, [out, in] layout) into `Weights`.
 
-  def stacked(ours: str):
-    _, to_ours, _ = next(r for r in rows.values() if r[0] == ours)
-    first = to_ours(np.asarray(state[layer_src[ours][0]]))
-    out = np.empty((cfg.num_layers, *first.shape), dtype=np.dtype(dtype))
-    for i, name in enumerate(layer_src[ours]):
-      out[i] = to_ours(np.asarray(take(name)))
-    return jnp.asarray(out)
-
-  layers = LayerWeights(**{ours: stacked(ours) for ours in layer_src})
-  top = {key: jnp.asarray(np.asarray(take(name)), dtype=dtype) for key, name in top_src.items()}
-  if "lm_head" in top:
-    top["lm_head"] = top["lm_head"].T  # HF [V, D] -> ours [D, V]
-  return Weights(embed=top["embed"], layers=layers, final_norm=top["final_norm"],
-                 lm_head=top.get("lm_head"))
+  Validates every name and shape first, then converts one leaf at a time onto
+  the default device. With `consume=True` each source tensor is dropped from
+  `state` once converted, so peak memory stays near one copy of the weights.
+  Files are better loaded with `diffmas_jax.loading.load_model`, which reads
+  only the slices each device holds.
+  Raises CheckpointMismatchError naming every unknown, missing or mis-shaped tensor.
+  """
+  from diffmas_jax.io.sharded_load import DictSource, load_weights
+  return load_weights(cfg, DictSource(state, consume=consume))
 
 
 def weights_to_hf_state_dict(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
   """Inverse of `weights_from_hf_state_dict` (float32 numpy unless params are lower)."""
   out: dict[str, np.ndarray] = {}
   np_of = lambda x: np.asarray(jax.device_get(x))
-  for suffix, ours, conv, _ in _hf_rows(cfg):
+  for suffix, ours, layout in _hf_rows(cfg):
     stacked = np_of(getattr(weights.layers, ours))
     for i in range(cfg.num_layers):
-      out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(conv[1](stacked[i]))
+      out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(layout.to_hf(stacked[i]))
   out["model.embed_tokens.weight"] = np_of(weights.embed)
   out["model.norm.weight"] = np_of(weights.final_norm)
   if weights.lm_head is not None:

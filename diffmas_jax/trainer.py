@@ -136,6 +136,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   batch_sh = _batch_shardings(mesh, sample)
   capacity = trace_capacity(sample, spec)
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, tc.batch_size, 1), mesh)
+  # A no-op (same arrays) when the model was loaded with load_model(..., mesh=mesh), as the
+  # launcher does; otherwise the caller's unsharded copy stays alive beside this one.
   weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
   rows = agents.realign_row_count(cfg.agents.get("realign_rows", "tokenizer"),
                                   getattr(model.tokenizer, "vocab_size", None),

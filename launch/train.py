@@ -51,7 +51,9 @@ def main(argv):
   init_runtime(FLAGS.multihost)
   mesh = mesh_from_config(cfg.mesh)
   workdir = make_workdir(FLAGS.workdir or cfg.workdir, default_name)
-  model = load_model(cfg.model.source, dtype=cfg.model.dtype, remat=cfg.model.remat)
+  # Straight into the training shardings: no unsharded copy on any host or device.
+  model = load_model(cfg.model.source, dtype=cfg.model.dtype, remat=cfg.model.remat,
+                     mesh=mesh)
 
   result = run_training(cfg, model, workdir, mesh)
   adapters = train_lib.adapters_for(result.params, cfg.train.grad_mode)

@@ -1,7 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct read from a GGUF file, without torch.
 
 Tensors are dequantised with the `gguf` package (numpy) into HF names and the HF
-[out, in] layout, so the model converter handles GGUF and HF checkpoints alike.
+[out, in] layout, so the model converter handles GGUF and HF checkpoints alike;
+`GGUFSource` does so lazily, by row range, for sharded loading.
 """
 
 from __future__ import annotations
@@ -85,10 +86,57 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).swapaxes(1, 2).reshape(w.shape)
 
 
+class GGUFSource:
+  """A llama GGUF's tensors in HF names and layout, dequantised lazily by row range.
+
+  The file is memory-mapped; `read` dequantises only the rows a block covers
+  (GGUF quantisation blocks run along a row, so rows are the finest unit the
+  format allows; columns are cut after dequantising). q/k rows are read in whole
+  heads so llama.cpp's per-head row order can be undone.
+
+  Attributes:
+    hf_config: what the model's HF config.json would hold.
+    shapes: {HF tensor name: HF shape ([out, in] for linears)}.
+    tokenizer_metadata: the GGUF key/value fields (for `Tokenizer.from_gguf_metadata`).
+  """
+
+  def __init__(self, path: str):
+    reader, meta = _open(path)
+    self.tokenizer_metadata = meta
+    self.hf_config = hf_config_from_gguf_metadata(meta)
+    self._head_dim = self.hf_config["head_dim"]
+    self._tensors = {_hf_name(t.name, path): t for t in reader.tensors}
+    # GGUF lists dims innermost first, so reversing gives torch's [out, in].
+    self.shapes = {name: tuple(reversed([int(d) for d in t.shape]))
+                   for name, t in self._tensors.items()}
+    self.hf_config["tie_word_embeddings"] = "lm_head.weight" not in self.shapes
+    rows = self.shapes["model.embed_tokens.weight"][0]
+    if rows != self.hf_config["vocab_size"]:
+      raise ValueError(f"{path}: token_embd has {rows} rows but the vocabulary has "
+                       f"{self.hf_config['vocab_size']} tokens; the file is inconsistent.")
+
+  def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """Block `index` (one slice per HF axis, trailing axes whole) as float32, HF row order."""
+    import gguf
+
+    t, shape = self._tensors[name], self.shapes[name]
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    r0, r1, _ = index[0].indices(shape[0])
+    heads = name.endswith(("q_proj.weight", "k_proj.weight"))
+    unit = self._head_dim if heads else 1
+    a0, a1 = r0 // unit * unit, -(-r1 // unit) * unit  # whole heads for q/k
+    w = gguf.quants.dequantize(t.data[a0:a1], t.tensor_type).astype(np.float32)
+    w = w.reshape(a1 - a0, *shape[1:])
+    if heads:
+      w = unpermute_qk(w, (a1 - a0) // unit)
+    return w[(slice(r0 - a0, r1 - a0), *index[1:])]
+
+
 def load_gguf(path: str) -> GGUFModel:
   """Reads a llama-architecture GGUF as an HF config, HF state dict and tokenizer.
 
-  Quantised tensors (Q4_1, Q8_0, ...) are dequantised to float32.
+  Quantised tensors (Q4_1, Q8_0, ...) are dequantised to float32; everything is
+  held in memory (`GGUFSource` reads block by block instead).
 
   Args:
     path: the .gguf file, e.g. `default_gguf_path()`.
@@ -96,28 +144,10 @@ def load_gguf(path: str) -> GGUFModel:
   Returns:
     The model as a `GGUFModel`.
   """
-  import gguf
-
-  reader, meta = _open(path)
-  hf_config = hf_config_from_gguf_metadata(meta)
-  heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-  state: dict[str, np.ndarray] = {}
-  for t in reader.tensors:
-    name = _hf_name(t.name, path)
-    # GGUF lists dims innermost first, so reversing gives torch's [out, in].
-    shape = tuple(reversed([int(d) for d in t.shape]))
-    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
-    if name.endswith("q_proj.weight"):
-      w = unpermute_qk(w, heads)
-    elif name.endswith("k_proj.weight"):
-      w = unpermute_qk(w, kv_heads)
-    state[name] = w
-  hf_config["tie_word_embeddings"] = "lm_head.weight" not in state
-  rows = state["model.embed_tokens.weight"].shape[0]
-  if rows != hf_config["vocab_size"]:
-    raise ValueError(f"{path}: token_embd has {rows} rows but the vocabulary has "
-                     f"{hf_config['vocab_size']} tokens; the file is inconsistent.")
-  return GGUFModel(hf_config, state, Tokenizer.from_gguf_metadata(meta))
+  source = GGUFSource(path)
+  state = {name: source.read(name) for name in source.shapes}
+  return GGUFModel(source.hf_config, state,
+                   Tokenizer.from_gguf_metadata(source.tokenizer_metadata))
 
 
 def load_gguf_tokenizer(path: str) -> Tokenizer:

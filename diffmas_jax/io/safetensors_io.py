@@ -6,7 +6,9 @@ Tensors stay numpy arrays in HF naming and torch layout; bfloat16 is kept as
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,6 +19,9 @@ import numpy as np
 from diffmas_jax.tokenizer import Tokenizer
 
 INDEX = "model.safetensors.index.json"
+READ_CHUNK_BYTES = 32 * 2**20  # rows mapped at once by SafetensorsSource.read
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+             "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 SINGLE = "model.safetensors"
 
 
@@ -24,18 +29,8 @@ class CheckpointFileError(FileNotFoundError):
   """A model directory is missing files it needs, or holds unreadable ones."""
 
 
-def read_hf_dir(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Reads an HF model directory's config and weights.
-
-  Weights come from `model.safetensors.index.json` and the shards it names,
-  else `model.safetensors`, else every `*.safetensors` file in the directory.
-
-  Args:
-    path: the directory.
-
-  Returns:
-    (config.json as a dict, {HF tensor name: numpy array in the stored dtype}).
-  """
+def read_hf_config(path: str) -> dict[str, Any]:
+  """config.json of an HF model directory (nothing else is read)."""
   if not os.path.isdir(path):
     raise CheckpointFileError(f"model directory not found: {path}; pass a directory holding "
                               "config.json and *.safetensors.")
@@ -45,22 +40,97 @@ def read_hf_dir(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                               "config.json next to its *.safetensors files; copy it from the "
                               "model's source.")
   with open(config_file) as f:
-    config = json.load(f)
-  weight_map = _weight_map(path)
-  files = sorted(set(weight_map.values())) if weight_map else _unindexed_files(path)
-  state: dict[str, np.ndarray] = {}
-  for name in files:
-    for key, value in _load_file(os.path.join(path, name)).items():
-      if key in state:
-        raise CheckpointFileError(f"{path}: tensor {key!r} appears in more than one "
-                                  "safetensors file; remove the stray copy.")
-      state[key] = value
-  absent = sorted(set(weight_map) - set(state))
-  if absent:
-    raise CheckpointFileError(f"{path}: {INDEX} names tensors that its shards do not hold "
-                              f"(e.g. {absent[:3]}); the download is incomplete or mixed, "
-                              "fetch the shards again.")
-  return config, state
+    return json.load(f)
+
+
+class SafetensorsSource:
+  """The tensors of an HF directory, read lazily and by slice.
+
+  Construction reads only the safetensors headers (names, shapes, dtypes).
+  `read` opens the file for the one slice it returns, so at most that slice's
+  pages are ever mapped: a process reads only what its devices hold.
+
+  Attributes:
+    shapes: {HF tensor name: shape}.
+    files: {HF tensor name: safetensors file path}.
+    bytes_read: payload bytes returned by `read` so far (tests, benchmarks).
+  """
+
+  def __init__(self, path: str):
+    weight_map = _weight_map(path)
+    names = sorted(set(weight_map.values())) if weight_map else _unindexed_files(path)
+    self.files: dict[str, str] = {}
+    self.shapes: dict[str, tuple[int, ...]] = {}
+    self.dtypes: dict[str, str] = {}
+    self.bytes_read = 0
+    for name in names:
+      file = os.path.join(path, name)
+      with _reading(file):
+        with _safe_open(file) as f:
+          for key in f.keys():
+            if key in self.files:
+              raise CheckpointFileError(f"{path}: tensor {key!r} appears in more than one "
+                                        "safetensors file; remove the stray copy.")
+            self.files[key] = file
+            self.shapes[key] = tuple(f.get_slice(key).get_shape())
+            self.dtypes[key] = f.get_slice(key).get_dtype()
+    absent = sorted(set(weight_map) - set(self.files))
+    if absent:
+      raise CheckpointFileError(f"{path}: {INDEX} names tensors that its shards do not hold "
+                                f"(e.g. {absent[:3]}); the download is incomplete or mixed, "
+                                "fetch the shards again.")
+
+  def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """Block `index` (one slice per axis, trailing axes whole) of `name`, stored dtype.
+
+    Read in chunks of whole rows, each through its own mapping: a column slice
+    touches every page of its rows, and mapped pages count as this process's
+    memory until unmapped.
+    """
+    file, shape = self.files[name], self.shapes[name]
+    if not shape:
+      index = ()
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    r0, r1, _ = index[0].indices(shape[0]) if shape else (0, 1, 1)
+    row_bytes = math.prod(shape[1:]) * _ITEMSIZE.get(self.dtypes[name], 8)
+    step = max(1, READ_CHUNK_BYTES // row_bytes)
+    out = None
+    for a in range(r0, max(r1, r0 + 1), step):
+      b = min(a + step, r1)
+      with _reading(file):
+        with _safe_open(file) as f:
+          part = f.get_slice(name)[(slice(a, b), *index[1:]) if shape else slice(None)]
+      if out is None:
+        if b == r1:  # a single chunk: no copy
+          out = part
+          break
+        out = np.empty((r1 - r0, *part.shape[1:]), part.dtype)
+      out[a - r0:b - r0] = part
+    self.bytes_read += out.nbytes
+    return out
+
+
+def open_hf_dir(path: str) -> tuple[dict[str, Any], SafetensorsSource]:
+  """An HF model directory's config and its tensors as a lazy `SafetensorsSource`.
+
+  Weights come from `model.safetensors.index.json` and the shards it names,
+  else `model.safetensors`, else every `*.safetensors` file in the directory.
+  """
+  config = read_hf_config(path)
+  return config, SafetensorsSource(path)
+
+
+def read_hf_dir(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Reads an HF model directory's config and all of its weights into memory.
+
+  Args:
+    path: the directory (see `open_hf_dir` for which files are read).
+
+  Returns:
+    (config.json as a dict, {HF tensor name: numpy array in the stored dtype}).
+  """
+  config, source = open_hf_dir(path)
+  return config, {name: source.read(name) for name in source.shapes}
 
 
 def write_hf_dir(path: str, config: Mapping[str, Any], state: Mapping[str, Any],
@@ -141,11 +211,18 @@ def _unindexed_files(path: str) -> list[str]:
   return files
 
 
-def _load_file(file: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
+def _safe_open(file: str):
+  from safetensors import safe_open
+  return safe_open(file, framework="numpy")
 
+
+@contextlib.contextmanager
+def _reading(file: str):
+  """Turns any safetensors failure on `file` into a CheckpointFileError with advice."""
   try:
-    return load_file(file)
+    yield
+  except CheckpointFileError:
+    raise
   except Exception as e:  # safetensors raises its own error types; every cause needs this advice
     raise CheckpointFileError(
         f"could not read {file} ({type(e).__name__}: {e}). A truncated file means an incomplete "
