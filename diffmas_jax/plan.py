@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 import re
 import time
 from typing import Any, Callable, Mapping
@@ -76,13 +78,54 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _CALLEE = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)="
                      r"%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_DOT = re.compile(r"=\s*(\S+)\s+dot\((\w+\[[0-9,]*\])")
 _LHS_CONTRACT = re.compile(r"lhs_contracting_dims=\{([0-9,]*)\}")
-_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\((.*)$")
+
+
+@dataclasses.dataclass
+class _Instr:
+  name: str
+  type: str  # result type text, e.g. "f32[4,8]{1,0}" or "(s32[], f32[4,8])"
+  opcode: str
+  operands: list[str]  # "%name", or "f32[4,8]{1,0} %name" where HLO prints operand types
+  attrs: str  # everything after the operand list
+
+
+def _balanced(text: str, start: int) -> int:
+  """Index just past the parenthesis group opening at text[start]."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {"(": 1, ")": -1}.get(text[i], 0)
+    if depth == 0:
+      return i + 1
+  return len(text)
+
+
+def _parse_instr(line: str) -> _Instr | None:
+  m = _INSTR.match(line)
+  if not m:
+    return None
+  name, rest = m.groups()
+  if rest.startswith("("):
+    end = _balanced(rest, 0)
+    rtype, rest = rest[:end], rest[end:].lstrip()
+  else:
+    rtype, _, rest = rest.partition(" ")
+  op = rest.find("(")
+  if op < 0:
+    return None
+  end = _balanced(rest, op)
+  operands = [o.strip() for o in re.split(r",\s*(?![^\[{(]*[\]})])", rest[op + 1:end - 1])
+              if o.strip()]
+  return _Instr(name, rtype, rest[:op].strip(), operands, rest[end:])
+
+
+def _shapes(text: str) -> list[list[int]]:
+  return [[int(x) for x in dims.split(",") if x] for _, dims in _SHAPE.findall(text)]
 
 
 def _shape_bytes(text: str) -> int:
@@ -90,8 +133,8 @@ def _shape_bytes(text: str) -> int:
              for d, dims in _SHAPE.findall(text))
 
 
-def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
-  comps: dict[str, list[str]] = {}
+def _split_computations(hlo: str) -> tuple[dict[str, list[_Instr]], str | None]:
+  comps: dict[str, list[_Instr]] = {}
   entry, current = None, None
   for line in hlo.splitlines():
     if current is None:
@@ -104,40 +147,43 @@ def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
     elif line.startswith("}"):
       current = None
     else:
-      comps[current].append(line)
+      instr = _parse_instr(line)
+      if instr is not None:
+        comps[current].append(instr)
   return comps, entry
 
 
-def _dot_flops(line: str) -> int:
-  """2 * |result| * |contracted| for a dot instruction, else 0."""
-  m = _DOT.search(line)
-  if not m:
+def _operand_type(operand: str, types: Mapping[str, str]) -> str:
+  return types.get(operand.split()[-1].lstrip("%"), operand) if operand else ""
+
+
+def _dot_flops(ins: _Instr, types: Mapping[str, str]) -> int:
+  """2 * |result| * |contracted dims of lhs| for a dot."""
+  c = _LHS_CONTRACT.search(ins.attrs)
+  result = _shapes(ins.type)
+  lhs = _shapes(_operand_type(ins.operands[0], types)) if ins.operands else []
+  if not c or not result or not lhs:
     return 0
-  result, lhs = _SHAPE.findall(m.group(1)), _SHAPE.findall(m.group(2))
-  c = _LHS_CONTRACT.search(line)
-  if not result or not lhs or not c:
-    return 0
-  dims = [int(x) for x in lhs[0][1].split(",") if x]
-  contracted = math.prod(dims[int(i)] for i in c.group(1).split(",") if i)
-  return 2 * math.prod(int(x) for x in result[0][1].split(",") if x) * contracted
+  contracted = math.prod(lhs[0][int(i)] for i in c.group(1).split(",") if i)
+  return 2 * math.prod(result[0]) * contracted
 
 
 def collective_stats(hlo: str) -> tuple[dict[str, int], dict[str, int], int]:
   """Bytes and executions per collective kind for one call of the HLO module.
 
-  Also, under the key "dot_flops", the FLOPs of every matmul (XLA's
-  cost_analysis counts a loop body once; this counts it per trip).
-
   Each op counts the larger of its operand and result sizes (the gathered
   size for all-gather, the input for reduce-scatter), i.e. the data volume
   one device handles; ops inside `while` bodies count once per trip
-  (XLA's `known_trip_count`). Returns (bytes, counts, loops without a trip count).
+  (XLA's `known_trip_count`). Also, under the key "dot_flops", the FLOPs of
+  every matmul (XLA's cost_analysis counts a loop body once; this counts it
+  per trip). Returns (bytes, counts, loops without a trip count).
   """
   comps, entry = _split_computations(hlo)
+  types = {ins.name: ins.type for body in comps.values() for ins in body}
   unknown = 0
 
   @functools.lru_cache(maxsize=None)
-  def total(name: str) -> tuple[tuple[tuple[str, int, int], ...]]:
+  def total(name: str) -> tuple[tuple[str, int, int], ...]:
     nonlocal unknown
     acc: dict[str, list[int]] = {}
 
@@ -146,29 +192,29 @@ def collective_stats(hlo: str) -> tuple[dict[str, int], dict[str, int], int]:
       a[0] += nbytes
       a[1] += count
 
-    for line in comps.get(name, ()):
-      flops = _dot_flops(line)
-      if flops:
-        add("dot_flops", flops, 1)
-      op = _OP.search(line)
-      if op and "-done(" not in line:
-        result, kind, start, operands = op.groups()
-        rb, ob = _shape_bytes(result), _shape_bytes(operands.split("),")[0])
-        add(kind, max(ob, rb - ob) if start else max(ob, rb), 1)
+    for ins in comps.get(name, ()):
+      op = ins.opcode
+      if op == "dot":
+        add("dot_flops", _dot_flops(ins, types), 1)
+      kind = op[:-len("-start")] if op.endswith("-start") else op
+      if kind in COLLECTIVES:
+        ob = sum(_shape_bytes(_operand_type(o, types)) for o in ins.operands)
+        rb = _shape_bytes(ins.type)
+        add(kind, max(ob, rb - ob) if op.endswith("-start") else max(ob, rb), 1)
       trips = 1
-      if " while(" in line:
-        m = _TRIP.search(line)
+      if op == "while":
+        m = _TRIP.search(ins.attrs)
         if m:
           trips = int(m.group(1))
         else:
           unknown += 1
-      callees = [(k, c) for k, c in _CALLEE.findall(line)]
-      for b in _BRANCHES.findall(line):
+      callees = _CALLEE.findall(ins.attrs)
+      for b in _BRANCHES.findall(ins.attrs):
         callees += [("branch", c.strip().lstrip("%")) for c in b.split(",") if c.strip()]
       for key, callee in callees:
         factor = trips if key == "body" else 1
-        for kind, nbytes, count in total(callee):
-          add(kind, factor * nbytes, factor * count)
+        for k, nbytes, count in total(callee):
+          add(k, factor * nbytes, factor * count)
     return tuple((k, v[0], v[1]) for k, v in acc.items())
 
   rows = total(entry) if entry else ()
@@ -198,6 +244,21 @@ def compile_stats(name: str, lower: Callable[[], Any]) -> CompiledStats:
 
 
 # ----------------------------------------------------------- abstract inputs
+
+def model_shapes(source: str, dtype: str = "bfloat16", remat: str = "none"
+                 ) -> ModelConfig | None:
+  """ModelConfig without weights: a preset name (or a hub id / embedded model
+  named like one), a config.json, or an HF directory; None if unknown."""
+  from diffmas_jax.config import PRESETS
+  name = "smollm2-135m" if source.startswith("embedded:") else source.split("/")[-1].lower()
+  if name in PRESETS:
+    return PRESETS[name].replace(dtype=dtype, remat=remat)
+  path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return ModelConfig.from_hf(json.load(f), dtype=dtype, remat=remat)
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -240,8 +301,8 @@ def per_call_batch(batch_size: int, grad_accum: int, batch_shards: int) -> tuple
   micro-batch smaller than that grows to it and accumulation shrinks.
   """
   effective = batch_size * grad_accum
-  per_call = max(batch_size, batch_shards)
-  if per_call % batch_shards or effective % per_call:
+  per_call = -(-batch_size // batch_shards) * batch_shards
+  if effective % per_call:
     valid = [b for b in range(batch_shards, effective + 1, batch_shards) if effective % b == 0]
     raise sharding.ShardingError(
         f"effective batch {batch_size} x {grad_accum} = {effective} cannot be split into calls "
@@ -290,8 +351,8 @@ def train_program(cfg: ModelConfig, w: Workload, mesh, rules, batch: int):
   cache_sh = sharding.cache_shardings(cache, mesh, rules)
   realigner = jax.eval_shape(lambda: agents.Realigner(jnp.zeros((cfg.hidden_size,) * 2),
                                                       jnp.zeros(())))
-  sc = train_lib.StepConfig(cfg, spec, w.grad_mode, w.remat_stages, w.lora.dropout,
-                            **_step_sharding_kwargs(mesh, rules))
+  sc = train_lib.StepConfig(cfg, spec, w.grad_mode, w.remat_stages, w.lora.dropout, mesh=mesh,
+                            rules=sharding.rule_pairs(rules))
   fn = train_lib.make_train_step(
       optimizer, schedule, sc,
       shardings=dict(state=state_sh, weights=sharding.weight_shardings(cfg, mesh, rules),
@@ -300,17 +361,6 @@ def train_program(cfg: ModelConfig, w: Workload, mesh, rules, batch: int):
           _with_shardings(b, batch_sh), _with_shardings(realigner, jax.tree.map(
               lambda _: replicated, realigner)))
   return functools.partial(fn.lower, *args)
-
-
-def _step_sharding_kwargs(mesh, rules) -> dict:
-  """StepConfig's mesh/rules fields, where this version of train.py has them."""
-  fields = {f.name for f in dataclasses.fields(train_lib.StepConfig)}
-  kw = {}
-  if "mesh" in fields:
-    kw["mesh"] = mesh
-  if "rules" in fields:
-    kw["rules"] = sharding.freeze_rules(rules) if hasattr(sharding, "freeze_rules") else rules
-  return kw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,13 +412,11 @@ class MeshPlan:
 
 
 def plan_mesh(cfg: ModelConfig, w: Workload, sizes: Mapping[str, int], parallelism: str,
-              devices=None, with_eval: bool = True) -> MeshPlan:
+              devices=None, with_eval: bool = True, rules=sharding.DEFAULT_RULES) -> MeshPlan:
   """Compiles the micro-step (and the eval pipeline) for one mesh."""
   devices = list(devices if devices is not None else jax.devices())
   try:
     mesh = sharding.make_mesh(**sizes, devices=devices)
-    rules = sharding.rules_for(parallelism) if hasattr(sharding, "rules_for") else \
-        sharding.DEFAULT_RULES
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch, accum = per_call_batch(w.batch_size, w.grad_accum, shards)
     out = MeshPlan(dict(mesh.shape), parallelism, batch, accum)

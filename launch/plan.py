@@ -41,22 +41,6 @@ class PlanError(ValueError):
   """Bad planner input (unknown preset or chip, JAX already initialised)."""
 
 
-def model_config(source: str, dtype: str, remat: str):
-  """ModelConfig from a preset name, a config.json / HF directory, or a hub id."""
-  from diffmas_jax.config import PRESETS, ModelConfig
-  name = source.split("/")[-1].lower()
-  if source.startswith("embedded:"):
-    name = "smollm2-135m"
-  if name in PRESETS:
-    return PRESETS[name].replace(dtype=dtype, remat=remat)
-  path = os.path.join(source, "config.json") if os.path.isdir(source) else source
-  if not os.path.isfile(path):
-    raise PlanError(f"model {source!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-                    "config.json / HF directory; pass --model=qwen3-8b or --model=/path/config.json")
-  with open(path) as f:
-    return ModelConfig.from_hf(json.load(f), dtype=dtype, remat=remat)
-
-
 def _use_fake_devices(n: int) -> None:
   """N CPU devices; must run before JAX creates its backends."""
   import jax
@@ -76,21 +60,26 @@ def main(argv):
   import jax
 
   from diffmas_jax import plan, sharding
+  from diffmas_jax.config import PRESETS
 
   cfg = FLAGS.config
-  mcfg = model_config(FLAGS.model or cfg.model.source, cfg.model.dtype, cfg.model.remat)
+  source = FLAGS.model or cfg.model.source
+  mcfg = plan.model_shapes(source, cfg.model.dtype, cfg.model.remat)
+  if mcfg is None:
+    raise PlanError(f"model {source!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                    "config.json / HF directory; pass --model=qwen3-8b or --model=/path/config.json")
   w = plan.Workload.from_config(cfg)
   print(f"JAX {jax.__version__}, {jax.device_count()} fake {jax.default_backend()} devices; "
         f"model {FLAGS.model or cfg.model.source} ({mcfg.num_layers} layers, d={mcfg.hidden_size}, "
         f"{mcfg.dtype}, remat {mcfg.remat}); agents m={w.steps}, prompts {w.prompt_tokens}, "
         f"targets {w.target_tokens}, micro-batch {w.batch_size} x accumulation {w.grad_accum}")
-  parallelism = cfg.mesh.get("parallelism", "manual")
+  parallelism = "search" if FLAGS.search else cfg.mesh.get("parallelism", "manual")
   if FLAGS.search:
     meshes = plan.candidate_meshes(FLAGS.devices, mcfg, FLAGS.local_devices)
   else:
-    meshes = [sharding.resolve_mesh_sizes(cfg.mesh, mcfg, FLAGS.devices, w.batch_size)
-              if hasattr(sharding, "resolve_mesh_sizes") else
-              dict(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)]
+    # auto decides with the --chip's memory, as it would on that chip.
+    meshes = [sharding.resolve_mesh_sizes(cfg.mesh, mcfg, FLAGS.devices,
+                                          device_bytes=int(CHIPS[FLAGS.chip] * plan.GiB))]
   plans = []
   for sizes in meshes:
     p = plan.plan_mesh(mcfg, w, sizes, parallelism, with_eval=FLAGS.eval)

@@ -38,7 +38,8 @@ def main(argv):
   cfg = FLAGS.config
   train_lib.check_grad_mode(cfg.train.grad_mode)
   init_runtime(FLAGS.multihost)
-  mesh = mesh_from_config(cfg.mesh)
+  from diffmas_jax.plan import model_shapes
+  mesh = mesh_from_config(cfg.mesh, model_shapes(cfg.model.source, cfg.model.dtype))
   workdir = make_workdir(FLAGS.workdir or cfg.workdir,
                          f"train_{cfg.train.data}_{cfg.train.grad_mode}")
   # Everything that can be missing is checked before any long work starts.
