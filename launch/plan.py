@@ -43,10 +43,12 @@ class PlanError(ValueError):
 
 def _use_fake_devices(n: int) -> None:
   """N CPU devices; must run before JAX creates its backends."""
+  import chex
   import jax
-  from jax._src import xla_bridge
-  if xla_bridge.backends_are_initialized():
-    raise PlanError("JAX was initialised before the planner could set the device count")
+  try:
+    chex.set_n_cpu_devices(n)  # XLA_FLAGS=--xla_force_host_platform_device_count=n
+  except RuntimeError as e:
+    raise PlanError(f"JAX started before the planner could set the device count: {e}") from e
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", n)
 
