@@ -217,9 +217,6 @@ def _check_step_inputs(sc: StepConfig, weights: Weights, cache: KVCache, batch: 
   chex.assert_type([batch.agent_valid, batch.solver_valid, batch.target_valid], bool)
   chex.assert_shape(cache.k, (sc.cfg.num_layers, b, sc.cfg.num_kv_heads, None, sc.cfg.head_dim))
   chex.assert_equal_shape([cache.k, cache.v])
-  if cache.capacity < sc.spec.length(t):
-    raise ValueError(f"train cache has {cache.capacity} slots; the trace needs "
-                     f"{sc.spec.length(t)} (trace_capacity)")
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
