@@ -91,7 +91,8 @@ def main(argv):
   if choice is None:
     print(f"no planned mesh fits {FLAGS.chip} ({CHIPS[FLAGS.chip]:g} GiB per device)")
   else:
-    flags_text = " ".join(f"--config.mesh.{k}={v}" for k, v in choice.mesh.items())
+    flags_text = " ".join(["--config.mesh.parallelism=manual"] + [
+        f"--config.mesh.{k}={v}" for k, v in choice.mesh.items()])
     print(f"suggested for {FLAGS.chip}: {flags_text} (collectives "
           f"{plan.gib(choice.train.total_collective_bytes)} GiB per micro-step, peak "
           f"{plan.gib(choice.train.peak_bytes)} GiB per device)")
