@@ -23,8 +23,13 @@ def model_config() -> mlc.ConfigDict:
 
 
 def mesh_config() -> mlc.ConfigDict:
+  # parallelism (sharding.choose_mesh): auto | data | tensor | fsdp | manual.
+  #   data: replicated base weights; tensor: heads/kv_heads/mlp/vocab split inside a
+  #   host; fsdp: and embed dims split across hosts; auto: the first of these whose
+  #   weights fit half the device memory (data where it is unknown, e.g. CPU).
+  #   manual (or auto with a size set here): the sizes as given.
   # Axis sizes; -1 takes the remaining devices. data * fsdp * tensor == #devices.
-  return mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return mlc.ConfigDict(dict(parallelism="auto", data=-1, fsdp=1, tensor=1))
 
 
 def agents_config() -> mlc.ConfigDict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -147,6 +148,9 @@ def build_trace(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.
   Returns:
     The trace (A * (T + steps) more slots) and final hidden states [A, B, D].
   """
+  chex.assert_rank([tokens, valid], 3)
+  chex.assert_equal_shape([tokens, valid])
+  chex.assert_axis_dimension(tokens, 1, cache.batch)
 
   def stage(cache, tok, val, lo):
     return agent_stage(weights, cfg, cache, tok, val, realigner, steps, lo)

@@ -14,6 +14,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -215,6 +216,7 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
   """
   if (tokens is None) == (embeds is None):
     raise ValueError("pass exactly one of tokens= or embeds=")
+  _check_inputs(cfg, cache, tokens, embeds, valid, positions)
   x = weights.embed[tokens] if embeds is None else embeds.astype(weights.embed.dtype)
   b, t, _ = x.shape
   if append:
@@ -266,6 +268,20 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
   else:
     raise ValueError(f"logits={logits!r}; expected 'all', 'last' or 'none'")
   return ForwardOutput(out, hidden, new_cache)
+
+
+def _check_inputs(cfg: ModelConfig, cache: KVCache, tokens, embeds, valid, positions):
+  """Shape/dtype contract of `forward` (trace time only: shapes are static)."""
+  if tokens is not None:
+    chex.assert_rank(tokens, 2)
+    chex.assert_type(tokens, int)
+    bt = tokens.shape
+  else:
+    chex.assert_shape(embeds, (None, None, cfg.hidden_size))
+    bt = embeds.shape[:2]
+  chex.assert_shape([x for x in (valid, positions) if x is not None], bt)
+  chex.assert_shape([cache.k, cache.v], (cfg.num_layers, bt[0], cfg.num_kv_heads, None,
+                                         cfg.head_dim))
 
 
 def _check_capacity(cache: KVCache, t: int):

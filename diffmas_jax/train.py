@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from diffmas_jax import agents, lora as lora_lib, model as model_lib, topology
+from diffmas_jax import agents, lora as lora_lib, model as model_lib, sharding, topology
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.methods.latent_mas import PipelineBatch
@@ -96,9 +97,14 @@ def make_optimizer(train_cfg: Any, total_updates: int) -> tuple[optax.GradientTr
 def solver_target_logits(params: Params, weights: Weights, cfg: ModelConfig, cache: KVCache,
                          batch: PipelineBatch, realigner: agents.Realigner,
                          spec: topology.TraceSpec, grad_mode: str, remat: bool = True,
-                         dropout: float = 0.0, dropout_key: jax.Array | None = None
+                         dropout: float = 0.0, dropout_key: jax.Array | None = None,
+                         mesh: jax.sharding.Mesh | None = None, rules: Any = None
                          ) -> jax.Array:
-  """[B, U, V] f32 logits for the solver's target tokens, conditioned on the trace."""
+  """[B, U, V] f32 logits for the solver's target tokens, conditioned on the trace.
+
+  With a `mesh`, the logits are constrained to the rules' ("batch", "length",
+  "vocab") sharding: split over vocab like the LM head, which is thus never gathered.
+  """
   adapters = adapters_for(params, grad_mode)
   up, stacked, solver = topology.split_lora(adapters)
   if dropout_key is not None and dropout > 0.0:
@@ -117,26 +123,48 @@ def solver_target_logits(params: Params, weights: Weights, cfg: ModelConfig, cac
   out = model_lib.forward(weights, cfg, cache, tokens=tokens, valid=valid, lora=solver,
                           logits="none", append=False)
   ts = batch.solver_tokens.shape[1]
-  return model_lib.lm_head(weights, out.hidden[:, ts - 1:])
+  logits = model_lib.lm_head(weights, out.hidden[:, ts - 1:])
+  if mesh is None:
+    return logits
+  return sharding.constrain(logits, mesh, "batch", "length", "vocab",
+                            rules=sharding.DEFAULT_RULES if rules is None else rules)
+
+
+def sharded_cross_entropy(logits: jax.Array, targets: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Per-token CE and "target is the top logit" for [B, U, V] logits, [B, U] targets.
+
+  Only elementwise ops and reductions over the vocab axis, so with vocab-sharded
+  logits XLA reduces [B, U] partial maxima and sums across shards instead of
+  gathering [B, U, V] (a gather by label index or an argmax would gather).
+  Accuracy counts ties with the top logit as correct.
+  """
+  top = jnp.max(logits, axis=-1)  # [B, U]
+  shift = jax.lax.stop_gradient(top)
+  lse = jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1)) + shift
+  hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+  target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)  # [B, U]
+  return lse - target_logit, target_logit >= top
 
 
 def loss_and_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean CE over target tokens; token accuracy and count as metrics."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  ce, correct = sharded_cross_entropy(logits, targets)
   mask = mask.astype(jnp.float32)
   n = jnp.maximum(mask.sum(), 1.0)
   loss = jnp.sum(ce * mask) / n
-  acc = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / n
+  acc = jnp.sum(correct * mask) / n
   return loss, {"loss": loss, "token_accuracy": acc, "target_tokens": mask.sum()}
 
 
 def loss_fn(params: Params, weights: Weights, cfg: ModelConfig, cache: KVCache,
             batch: PipelineBatch, realigner: agents.Realigner, spec: topology.TraceSpec,
             grad_mode: str, remat: bool = True, dropout: float = 0.0,
-            dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            dropout_key: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
+            rules: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   logits = solver_target_logits(params, weights, cfg, cache, batch, realigner, spec, grad_mode,
-                                remat, dropout, dropout_key)
+                                remat, dropout, dropout_key, mesh, rules)
   return loss_and_metrics(logits, batch.target_tokens, batch.target_valid)
 
 
@@ -149,6 +177,8 @@ class StepConfig:
   grad_mode: str
   remat: bool = True
   dropout: float = 0.0
+  mesh: jax.sharding.Mesh | None = None  # set: logits and loss stay vocab-sharded
+  rules: tuple | None = None  # sharding.rule_pairs(...); None = sharding.DEFAULT_RULES
 
 
 def train_step(state: TrainState, weights: Weights, cache: KVCache, batch: PipelineBatch,
@@ -159,10 +189,11 @@ def train_step(state: TrainState, weights: Weights, cache: KVCache, batch: Pipel
   Jit it with `jax.jit(functools.partial(train_step, optimizer=..., schedule=..., sc=...),
   donate_argnums=(0,))` (see `make_train_step`), with the cache created outside jit.
   """
+  _check_step_inputs(sc, weights, cache, batch)
   rng, drop_key = jax.random.split(jax.random.wrap_key_data(state.rng))
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, metrics), grads = grad_fn(state.params, weights, sc.cfg, cache, batch, realigner, sc.spec,
-                                sc.grad_mode, sc.remat, sc.dropout, drop_key)
+                                sc.grad_mode, sc.remat, sc.dropout, drop_key, sc.mesh, sc.rules)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
@@ -171,6 +202,21 @@ def train_step(state: TrainState, weights: Weights, cache: KVCache, batch: Pipel
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                    rng=jax.random.key_data(rng))
   return new, metrics
+
+
+def _check_step_inputs(sc: StepConfig, weights: Weights, cache: KVCache, batch: PipelineBatch):
+  """Shape/dtype contract of a micro-step (trace time only)."""
+  a, b, t = batch.agent_tokens.shape
+  chex.assert_shape([batch.agent_tokens, batch.agent_valid], (sc.spec.num_agents, b, t))
+  chex.assert_rank([batch.solver_tokens, batch.solver_valid, batch.target_tokens,
+                    batch.target_valid], 2)
+  chex.assert_equal_shape([batch.solver_tokens, batch.solver_valid])
+  chex.assert_equal_shape([batch.target_tokens, batch.target_valid])
+  chex.assert_axis_dimension(batch.target_tokens, 0, b)
+  chex.assert_type([batch.agent_tokens, batch.solver_tokens, batch.target_tokens], int)
+  chex.assert_type([batch.agent_valid, batch.solver_valid, batch.target_valid], bool)
+  chex.assert_shape(cache.k, (sc.cfg.num_layers, b, sc.cfg.num_kv_heads, None, sc.cfg.head_dim))
+  chex.assert_equal_shape([cache.k, cache.v])
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:

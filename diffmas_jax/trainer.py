@@ -150,7 +150,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   state_sh = jax.tree.map(lambda _: replicated, state)
   step_fn = train_lib.make_train_step(
       optimizer, schedule,
-      train_lib.StepConfig(model.cfg, spec, tc.grad_mode, tc.remat_stages, lora_cfg.dropout),
+      train_lib.StepConfig(model.cfg, spec, tc.grad_mode, tc.remat_stages, lora_cfg.dropout,
+                           mesh=mesh),
       shardings=dict(state=state_sh, weights=sharding.weight_shardings(model.cfg, mesh),
                      cache=cache_sh, batch=batch_sh, realigner=replicated,
                      replicated=replicated))

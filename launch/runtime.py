@@ -19,8 +19,12 @@ def init_runtime(multihost: bool = False) -> None:
           f"{jax.device_count()} {jax.default_backend()} device(s)")
 
 
-def mesh_from_config(mesh_cfg: mlc.ConfigDict) -> jax.sharding.Mesh:
-  return sharding.make_mesh(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor)
+def mesh_from_config(mesh_cfg: mlc.ConfigDict, model_cfg=None) -> jax.sharding.Mesh:
+  """The mesh of `mesh_cfg` (parallelism modes need `model_cfg`: sharding.resolve_mesh_sizes)."""
+  mesh = sharding.make_mesh(**sharding.resolve_mesh_sizes(mesh_cfg, model_cfg))
+  if jax.process_index() == 0:
+    print(f"mesh {dict(mesh.shape)} (mesh.parallelism={mesh_cfg.get('parallelism', 'manual')})")
+  return mesh
 
 
 def make_workdir(workdir: str, default_name: str) -> str:

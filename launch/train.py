@@ -49,7 +49,8 @@ def main(argv):
       lambda: check_source(cfg.model.source), train_data,
       lambda: cli.load_records(cfg.eval, excluded.get("ids", ())) if methods else [])[-1]
   init_runtime(FLAGS.multihost)
-  mesh = mesh_from_config(cfg.mesh)
+  from diffmas_jax.plan import model_shapes
+  mesh = mesh_from_config(cfg.mesh, model_shapes(cfg.model.source, cfg.model.dtype))
   workdir = make_workdir(FLAGS.workdir or cfg.workdir, default_name)
   # Straight into the training shardings: no unsharded copy on any host or device.
   model = load_model(cfg.model.source, dtype=cfg.model.dtype, remat=cfg.model.remat,

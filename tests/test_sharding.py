@@ -45,7 +45,7 @@ def test_impossible_mesh_raises():
 
 
 def test_rule_collision_raises():
-  rules = dict(sh.DEFAULT_RULES, heads="fsdp")  # embed and heads both on fsdp
+  rules = dict(embed="fsdp", heads="fsdp", head_dim=None)  # embed and heads both on fsdp
   with pytest.raises(sh.ShardingError, match="rule collision"):
     sh.logical_to_spec(("embed", "heads", "head_dim"), rules)
 
