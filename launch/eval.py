@@ -24,6 +24,7 @@ def main(argv):
   del argv
   from diffmas_jax.evaluation import evaluate
   from diffmas_jax.loading import load_model
+  from diffmas_jax.model import per_layer
   from diffmas_jax.tasks import load_task
   from launch.runtime import init_runtime, make_workdir
 
@@ -35,6 +36,8 @@ def main(argv):
                       path=cfg.eval.data_path or None, limit=cfg.eval.limit or None,
                       seed=cfg.eval.seed)
   model = load_model(cfg.model.source, dtype=cfg.model.dtype)
+  # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
+  model.weights = per_layer(model.weights)
   out = evaluate(model, records, list(cfg.eval.methods), cfg.eval, cfg.agents, workdir)
   with open(out["summary_md"]) as f:
     print(f.read())
