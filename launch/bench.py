@@ -32,8 +32,6 @@ flags.DEFINE_integer("prompt_len", 200, "Decode benchmark prompt length.")
 flags.DEFINE_integer("new_tokens", 128, "Decode benchmark new tokens.")
 flags.DEFINE_integer("prefill_len", 1024, "Prefill benchmark prompt length.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats within a run (best is reported).")
-flags.DEFINE_enum("layout", "per_layer", ["per_layer", "stacked"], "Inference weight layout "
-                  "of our core worker (model.per_layer).")
 flags.DEFINE_integer("runs", 3, "Runs of each suite (median [min, max] is reported).")
 FLAGS = flags.FLAGS
 
@@ -91,16 +89,14 @@ def jax_worker(hf_dir: str) -> dict:
 
   m = load_model(hf_dir)
   cfg = m.cfg
-  # Inference keeps only per-layer buffers (model.per_layer); --layout=stacked
-  # measures the layer scan over stacked weights instead.
-  weights = model_lib.per_layer(m.weights) if FLAGS.layout == "per_layer" else m.weights
+  weights = model_lib.per_layer(m.weights)  # inference keeps only per-layer buffers
   m.weights = None
   res: dict = {"params": count_params(weights),
                "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(weights)),
                "nonembed_params": count_params(weights) - weights.embed.size,
                "layers": cfg.num_layers, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
                "head_dim": cfg.head_dim, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
-               "cache_itemsize": jnp.dtype(cfg.dtype).itemsize, "layout": FLAGS.layout}
+               "cache_itemsize": jnp.dtype(cfg.dtype).itemsize}
   prompt = _prompt_ids(m.tokenizer.encode, FLAGS.prompt_len)
   n_new = FLAGS.new_tokens
   sc = sampling.SamplingConfig(max_new_tokens=n_new, stop_ids=(), pad_id=0)  # exactly n_new
@@ -187,8 +183,7 @@ def torch_worker(hf_dir: str) -> dict:
 def _run_worker(kind: str, hf_dir: str) -> dict:
   cmd = [sys.executable, "-m", "launch.bench", f"--worker={kind}", f"--hf_dir={hf_dir}",
          f"--prompt_len={FLAGS.prompt_len}", f"--new_tokens={FLAGS.new_tokens}",
-         f"--prefill_len={FLAGS.prefill_len}", f"--repeats={FLAGS.repeats}",
-         f"--layout={FLAGS.layout}"]
+         f"--prefill_len={FLAGS.prefill_len}", f"--repeats={FLAGS.repeats}"]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -233,7 +228,7 @@ def core_suite(hf_dir: str) -> dict:
         f"{fmt(fractions[('transformers', 'prefill')], 0, '%')} |")
   print(f"\nmeasured read bandwidth {fmt([b / 1e9 for b in bw])} GB/s; weights "
         f"{runs[0]['ours']['weight_bytes'] / 1e6:.0f} MB; roofline counts the weights and the "
-        f"filled KV cache once per step; layout {FLAGS.layout}")
+        f"filled KV cache once per step")
   print(f"first-call compile + run s: decode b1 {fmt(col('ours', 'compile_s_b1'))}, b8 "
         f"{fmt(col('ours', 'compile_s_b8'))}, prefill {fmt(col('ours', 'compile_s_prefill'))}")
   return {"runs": runs, "roofline_percent": {f"{w}/{b}": v for (w, b), v in fractions.items()}}
