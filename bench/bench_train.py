@@ -245,7 +245,8 @@ def run(hf_dir: str, runs: int = 3) -> dict:
     mfu6 = [100 * flops6 / s / (p * 1e9) for s, p in zip(sec, peaks)]
     print(f"| {name} | {fmt(sec, 2)} | {fmt(ratios(ref_s, sec), 2, 'x')} | {fmt(mfu, 0, '%')} "
           f"({fmt(mfu6, 0, '%')}) | {fmt(rss, 0)} | {fmt(ratios(rss, ref_rss), 2, 'x')} |")
-  print(f"diffmas-jax first call (compile + run), {variants[0]}: "
+  print(f"diffmas-jax first call (compile + run), layer remat {variants[0][0]}, stage remat "
+        f"{'on' if variants[0][1] else 'off'}: "
         f"{fmt([r['ours'][variants[0]]['first_call_s'] for r in rounds])}s")
   if memory:
     print("\n| upstream agents | temporaries MB, stage remat on | stage remat off | arguments MB "
