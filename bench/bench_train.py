@@ -24,28 +24,29 @@ temporaries) with 1, 2, 4 and 8 upstream agents before the solver.
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
 
 from absl import app, flags
 
+from bench.stats import fmt, peak_rss_mb, ratios
+
 flags.DEFINE_string("train_worker", "", "Internal: jax | torch | memory.")
 flags.DEFINE_string("train_remat", "full", "Internal: per-layer remat policy of the jax "
                     "worker (model.REMAT).")
 flags.DEFINE_bool("train_stage_remat", False, "Internal: per-stage remat of the jax and "
                   "memory workers.")
+flags.DEFINE_string("train_variants", "", "Comma list of our variants to run, as "
+                    "remat/stage_remat (e.g. 'none/False,attn/False'); default: all VARIANTS.")
+flags.DEFINE_bool("train_memory", True, "Also measure compiled memory with 1..8 agents.")
 flags.DEFINE_string("train_hf_dir", "", "HF directory of the model (default: export the "
                     "embedded SmolLM2-135M-Instruct to a temp dir).")
 FLAGS = flags.FLAGS
 
 ROLES, STEPS, TARGET, RANK, ALPHA, REPEATS = ("planner", "critic", "refiner"), 10, 512, 8, 16.0, 3
 MEMORY_AGENTS = (1, 2, 4, 8)
-
-
-def _peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _example():
@@ -112,7 +113,7 @@ def jax_worker(hf_dir: str) -> dict:
   return {"seconds": min(times), "first_call_s": first, "positions": positions,
           "loss": float(metrics["loss"]), "nonembed_params": count_params(m.weights) - emb,
           "vocab": m.cfg.vocab_size, "hidden": m.cfg.hidden_size, "layers": m.cfg.num_layers,
-          "heads": m.cfg.num_heads, "head_dim": m.cfg.head_dim, "peak_rss_mb": _peak_rss_mb()}
+          "heads": m.cfg.num_heads, "head_dim": m.cfg.head_dim, "peak_rss_mb": peak_rss_mb()}
 
 
 def memory_worker(hf_dir: str) -> dict:
@@ -168,7 +169,7 @@ def torch_worker(hf_dir: str) -> dict:
     step()
     times.append(time.perf_counter() - t)
   return {"seconds": min(times), "torch_threads": torch.get_num_threads(),
-          "peak_rss_mb": _peak_rss_mb()}
+          "peak_rss_mb": peak_rss_mb()}
 
 
 # Our step under each remat setting: (per-layer policy, per-stage remat). The first
@@ -195,36 +196,66 @@ def model_flops(r: dict, per_param: int = 4) -> float:
   return per_param * n * pos + attn + head
 
 
-def run(hf_dir: str) -> dict:
-  hw = _worker("hardware", hf_dir, module="launch.bench")
-  ours = {v: _worker("jax", hf_dir, remat=v[0], stage_remat=v[1]) for v in VARIANTS}
-  ref = _worker("torch", hf_dir)
-  memory = {sr: _worker("memory", hf_dir, stage_remat=sr) for sr in (True, False)}
-  peak = hw["matmul_gflops"] * 1e9
-  first = ours[VARIANTS[0]]
+def _variants() -> tuple:
+  if not FLAGS.train_variants:
+    return VARIANTS
+  out = []
+  for item in FLAGS.train_variants.split(","):
+    remat, _, stage = item.strip().partition("/")
+    if (remat, stage == "True") not in VARIANTS or stage not in ("True", "False"):
+      raise SystemExit(f"--train_variants item {item!r} is not one of "
+                       f"{[f'{r}/{sr}' for r, sr in VARIANTS]}")
+    out.append((remat, stage == "True"))
+  return tuple(out)
+
+
+def run(hf_dir: str, runs: int = 3) -> dict:
+  """`runs` rounds of (hardware, each variant of ours, transformers + peft), each in
+  its own process; median [min, max] over rounds, ratios within each round."""
+  variants = _variants()
+  rounds = []
+  for i in range(runs):
+    hw = _worker("hardware", hf_dir, module="launch.bench")
+    ours = {v: _worker("jax", hf_dir, remat=v[0], stage_remat=v[1]) for v in variants}
+    rounds.append({"hw": hw, "ours": ours, "ref": _worker("torch", hf_dir),
+                   "load": os.getloadavg()[0]})
+    print(f"train run {i + 1}/{runs} done (load {rounds[-1]['load']:.1f})", file=sys.stderr)
+  memory = ({sr: _worker("memory", hf_dir, stage_remat=sr) for sr in (True, False)}
+            if FLAGS.train_memory else None)
+  first = rounds[0]["ours"][variants[0]]
   flops, flops6, pos = model_flops(first), model_flops(first, per_param=6), first["positions"]
+  peaks = [r["hw"]["matmul_gflops"] for r in rounds]
   print(f"\n## train step: shared adapters, {len(ROLES) + 1} agents, m = {STEPS}, {TARGET} target "
-        f"tokens, {pos} positions, LoRA r {RANK}, f32, batch 1 (best of {REPEATS})")
+        f"tokens, {pos} positions, LoRA r {RANK}, f32, batch 1; best of {REPEATS} per run, "
+        f"median [min, max] of {runs} runs (load {fmt([r['load'] for r in rounds])})")
   print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP ({flops6 / 1e12:.2f} at 6 N); measured "
-        f"f32 matmul peak {hw['matmul_gflops']:.0f} GFLOP/s; torch threads {ref['torch_threads']}")
-  print("| implementation | s/step | speed vs transformers | positions/s | FLOP/s / peak "
-        "(6 N) | peak RSS MB | RSS vs transformers |\n|---|---|---|---|---|---|---|")
-  rows = [(f"diffmas-jax, layer remat {r}, stage remat {'on' if sr else 'off'}", ours[(r, sr)])
-          for r, sr in VARIANTS] + [("transformers + peft", ref)]
-  for name, r in rows:
-    sec = r["seconds"]
-    print(f"| {name} | {sec:.2f} | {ref['seconds'] / sec:.2f}x | {pos / sec:.0f} | "
-          f"{flops / sec / peak:.0%} ({flops6 / sec / peak:.0%}) | {r['peak_rss_mb']:.0f} | "
-          f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x |")
-  print(f"diffmas-jax first call (compile + run), layer remat full: {first['first_call_s']:.1f}s")
-  print("\n| upstream agents | temporaries MB, stage remat on | stage remat off | arguments MB "
-        "(weights, cache, batch) |\n|---|---|---|---|")
-  for n in memory[True]:
-    print(f"| {n} | {memory[True][n]['temp_mb']:.0f} | {memory[False][n]['temp_mb']:.0f} | "
-          f"{memory[True][n]['args_mb']:.0f} |")
-  return {"ours": {f"{r}/stage_remat={sr}": v for (r, sr), v in ours.items()},
-          "transformers_peft": ref, "hardware": hw, "model_flops": flops,
-          "memory": {"stage_remat": memory[True], "no_stage_remat": memory[False]}}
+        f"f32 matmul peak {fmt(peaks, 0)} GFLOP/s; torch threads "
+        f"{rounds[0]['ref']['torch_threads']}")
+  print("| implementation | s/step | speed vs transformers | % of matmul peak, 4 N (6 N) | "
+        "peak RSS MB | RSS vs transformers |\n|---|---|---|---|---|---|")
+  ref_s = [r["ref"]["seconds"] for r in rounds]
+  ref_rss = [r["ref"]["peak_rss_mb"] for r in rounds]
+  rows = [(f"diffmas-jax, layer remat {v[0]}, stage remat {'on' if v[1] else 'off'}",
+           [r["ours"][v] for r in rounds]) for v in variants]
+  rows.append(("transformers + peft", [r["ref"] for r in rounds]))
+  for name, rs in rows:
+    sec = [r["seconds"] for r in rs]
+    rss = [r["peak_rss_mb"] for r in rs]
+    mfu = [100 * flops / s / (p * 1e9) for s, p in zip(sec, peaks)]
+    mfu6 = [100 * flops6 / s / (p * 1e9) for s, p in zip(sec, peaks)]
+    print(f"| {name} | {fmt(sec, 2)} | {fmt(ratios(ref_s, sec), 2, 'x')} | {fmt(mfu, 0, '%')} "
+          f"({fmt(mfu6, 0, '%')}) | {fmt(rss, 0)} | {fmt(ratios(rss, ref_rss), 2, 'x')} |")
+  print(f"diffmas-jax first call (compile + run), layer remat {variants[0][0]}, stage remat "
+        f"{'on' if variants[0][1] else 'off'}: "
+        f"{fmt([r['ours'][variants[0]]['first_call_s'] for r in rounds])}s")
+  if memory:
+    print("\n| upstream agents | temporaries MB, stage remat on | stage remat off | arguments MB "
+          "(weights, cache, batch) |\n|---|---|---|---|")
+    for n in memory[True]:
+      print(f"| {n} | {memory[True][n]['temp_mb']:.0f} | {memory[False][n]['temp_mb']:.0f} | "
+            f"{memory[True][n]['args_mb']:.0f} |")
+  return {"runs": [{**r, "ours": {f"{a}/stage_remat={b}": v for (a, b), v in r["ours"].items()}}
+                   for r in rounds], "model_flops": flops, "memory": memory}
 
 
 def main(argv):

@@ -71,7 +71,8 @@ def eval_config() -> mlc.ConfigDict:
       limit=0,  # first N items (0 = all)
       stand_in_for="",  # paper benchmark this offline split stands in for (noted in summary.md)
       methods=("single", "text_mas", "latent_mas"),  # "+lora" suffix / "diffmas": with adapters
-      batch_size=8,
+      batch_size=0,  # 0 = as many rows as cache_budget_mb holds (1..32; eval_batch.py)
+      cache_budget_mb=2048.0,  # KV-cache memory (MB) for the automatic batch size
       bucket=32,  # prompt widths round up to a multiple of this (bounds recompiles)
       max_new_tokens=512,  # solver / single answer budget
       temperature=0.0,  # 0 = greedy (default); the paper samples at 0.6

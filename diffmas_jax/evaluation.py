@@ -14,6 +14,7 @@ record (outputs dropped), so every batch reuses the same compiled functions.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,8 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from diffmas_jax.eval import ResultStore, write_summary
+from diffmas_jax.eval_batch import auto_batch_size
 from diffmas_jax.loading import LoadedModel
 from diffmas_jax.methods import Method, RunContext, resolve
+from diffmas_jax.model import per_layer
 from diffmas_jax.tasks import Record, score
 from diffmas_jax.tasks.sandbox import check_available as check_sandbox
 
@@ -58,12 +61,17 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
   """
   if any(r.family == "code" for r in records):  # refuse before any generation, not after
     check_sandbox(eval_cfg.get("sandbox") or None)
+  # Inference layout (model.per_layer): decode reads each weight once per step.
+  loaded_model = dataclasses.replace(loaded_model, weights=per_layer(loaded_model.weights))
   runs = _method_runs(loaded_model, method_names, eval_cfg, agents_cfg, lora, extra_methods)
   os.makedirs(workdir, exist_ok=True)
   _check_run_config(workdir, loaded_model, eval_cfg, agents_cfg, lora)
   store = ResultStore(os.path.join(workdir, "results.jsonl"))
   done = store.done_keys()
   batch_size, num_samples = int(eval_cfg.batch_size), int(eval_cfg.num_samples)
+  if batch_size <= 0:  # unset: as many rows as the cache budget holds (eval_batch.py)
+    batch_size = auto_batch_size(loaded_model.cfg, loaded_model.tokenizer, records, eval_cfg,
+                                 agents_cfg)
   for name, (run, ctx) in runs.items():
     # Fixed chunks of the record list, so a resumed run keeps each item's seed.
     chunks = [(s, c, records[i:i + batch_size]) for s in range(num_samples)
@@ -143,7 +151,7 @@ def _notes(model, eval_cfg, agents_cfg, runs, extra) -> list[str]:
            f"decoding: temperature {ctx.temperature}"
            + (f", top_p {ctx.top_p}" if ctx.temperature > 0 else " (greedy)")
            + f"; max_new_tokens {ctx.max_new_tokens} (text_mas agents: "
-             f"{ctx.agent_max_new_tokens}); batch {eval_cfg.batch_size}; seed {eval_cfg.seed}",
+             f"{ctx.agent_max_new_tokens}); batch {eval_cfg.batch_size or 'auto'}; seed {eval_cfg.seed}",
            "output tokens: all agents' generated tokens; trace length: positions the upstream "
            "agents ran (prompt + m latent steps, or prompt + generated text); s/sample: batch "
            "wall time / items, first batch per method includes compilation"]

@@ -3,8 +3,10 @@
 `forward(weights, cfg, cache, tokens=... | embeds=...)` appends the new tokens'
 keys/values at `cache.end`, attends over every filled slot whose position is not
 in the future, and returns logits, the final-norm hidden states and the new
-cache. Layers run as one `lax.scan` (optionally rematerialised); the cache's
-layer axis is scanned alongside the weights.
+cache. Layers run as one `lax.scan` over stacked weights (optionally
+rematerialised), or as an unrolled loop when the weights hold per-layer buffers
+(`per_layer`: inference, no per-layer weight copies); the cache's layer axis is
+read alongside.
 """
 
 from __future__ import annotations
@@ -248,9 +250,19 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
   # layer, so recomputing it would re-read every weight to save almost nothing.
   if REMAT[cfg.remat] is not None and t > 1:
     body = jax.checkpoint(body, policy=REMAT[cfg.remat])
-  # The cache is only read inside the scan; new K/V ([L, B, K, T, Dh]) are written
+  # The cache is only read inside the layer loop; new K/V ([L, B, K, T, Dh]) are written
   # once afterwards, which XLA does in place instead of copying the cache per layer.
-  x, (k_new, v_new) = jax.lax.scan(body, x, (weights.layers, lora, cache.k, cache.v, ctx_kv))
+  if isinstance(weights.layers, tuple):  # per-layer buffers: an unrolled loop (see per_layer)
+    per_layer_lora = None if lora is None else _unstack(lora)
+    ks, vs = [], []
+    for i, lw in enumerate(weights.layers):
+      x, (k, v) = body(x, (lw, None if lora is None else per_layer_lora[i], cache.k[i],
+                           cache.v[i], None if ctx_kv is None else (ctx_kv[0][i], ctx_kv[1][i])))
+      ks.append(k)
+      vs.append(v)
+    k_new, v_new = jnp.stack(ks), jnp.stack(vs)
+  else:
+    x, (k_new, v_new) = jax.lax.scan(body, x, (weights.layers, lora, cache.k, cache.v, ctx_kv))
   hidden = L.rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
   new_cache = cache
   if append:
@@ -282,6 +294,36 @@ def _check_inputs(cfg: ModelConfig, cache: KVCache, tokens, embeds, valid, posit
   chex.assert_shape([x for x in (valid, positions) if x is not None], bt)
   chex.assert_shape([cache.k, cache.v], (cfg.num_layers, bt[0], cfg.num_kv_heads, None,
                                          cfg.head_dim))
+
+
+def per_layer(weights: Weights) -> Weights:
+  """The weights with `layers` as a tuple of per-layer LayerWeights (separate buffers).
+
+  `forward` then runs the layers as an unrolled loop over those buffers. With the
+  stacked layout, XLA:CPU copies each layer's weight slice out of the stack before
+  every matrix-vector product inside the layer scan, so a decode step or latent
+  step reads the weights about three times (slice read, copy write, matvec read);
+  separate buffers are read once. Build once (outside jit) and keep only this copy
+  for inference; the stacked layout stays for training, sharding and conversion.
+  Idempotent; `stacked` is the inverse.
+  """
+  if isinstance(weights.layers, tuple):
+    return weights
+  return dataclasses.replace(weights, layers=tuple(_unstack(weights.layers)))
+
+
+def stacked(weights: Weights) -> Weights:
+  """Inverse of `per_layer`: layers stacked on a leading axis again (idempotent)."""
+  if not isinstance(weights.layers, tuple):
+    return weights
+  return dataclasses.replace(weights, layers=jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                          *weights.layers))
+
+
+def _unstack(tree) -> list:
+  """A pytree with a leading layer axis on every leaf -> one pytree per layer."""
+  n = jax.tree.leaves(tree)[0].shape[0]
+  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
 
 
 def _check_capacity(cache: KVCache, t: int):

@@ -1,18 +1,21 @@
 """Speed and memory of the core model against transformers, measured in one run.
 
   python -m launch.bench                      # core: decode b1/b8, prefill 1024, RSS
-  python -m launch.bench --suites=core,latent,train
+  python -m launch.bench --suites=core,latent,train --runs=3
 
-Each framework runs in its own subprocess so peak RSS is its own. Weights are the
-embedded SmolLM2-135M-Instruct converted once to an HF directory that both load.
-Results are printed as a table with ratios and written to --out (JSON).
+Each framework runs in its own subprocess so peak RSS is its own (VmHWM, see
+bench.stats). Weights are the embedded SmolLM2-135M-Instruct converted once to an
+HF directory that both load. Every suite runs `--runs` times (fresh processes,
+ours and the reference one after the other in each run); tables print the
+median [min, max] over runs, ratios taken within each run. Within a run a
+figure is the best of `--repeats` timed calls after a warm-up. Written to --out
+(JSON) with every run's raw figures.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -21,6 +24,8 @@ from absl import flags
 
 from launch import cli
 
+from bench.stats import fmt, peak_rss_mb, ratios
+
 flags.DEFINE_string("suites", "core", "Comma list: core, latent, train.")
 flags.DEFINE_string("worker", "", "Internal: one process's measurements (jax|torch|hardware).")
 flags.DEFINE_string("hf_dir", "", "Converted HF directory (made in a temp dir when empty).")
@@ -28,7 +33,8 @@ flags.DEFINE_string("out", "", "Write results JSON here.")
 flags.DEFINE_integer("prompt_len", 200, "Decode benchmark prompt length.")
 flags.DEFINE_integer("new_tokens", 128, "Decode benchmark new tokens.")
 flags.DEFINE_integer("prefill_len", 1024, "Prefill benchmark prompt length.")
-flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).")
+flags.DEFINE_integer("repeats", 3, "Timed repeats within a run (best is reported).")
+flags.DEFINE_integer("runs", 3, "Runs of each suite (median [min, max] is reported).")
 FLAGS = flags.FLAGS
 
 TEXT = ("The history of science is the study of the development of science and scientific "
@@ -50,10 +56,6 @@ def _best(fn, repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - t)
   return min(times)
-
-
-def _peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def hardware_worker(hf_dir: str) -> dict:
@@ -88,9 +90,15 @@ def jax_worker(hf_dir: str) -> dict:
   from diffmas_jax.params import count_params
 
   m = load_model(hf_dir)
-  cfg, weights = m.cfg, m.weights
+  cfg = m.cfg
+  weights = model_lib.per_layer(m.weights)  # inference keeps only per-layer buffers
+  m.weights = None
   res: dict = {"params": count_params(weights),
-               "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(weights))}
+               "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(weights)),
+               "nonembed_params": count_params(weights) - weights.embed.size,
+               "layers": cfg.num_layers, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+               "head_dim": cfg.head_dim, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+               "cache_itemsize": jnp.dtype(cfg.dtype).itemsize}
   prompt = _prompt_ids(m.tokenizer.encode, FLAGS.prompt_len)
   n_new = FLAGS.new_tokens
   sc = sampling.SamplingConfig(max_new_tokens=n_new, stop_ids=(), pad_id=0)  # exactly n_new
@@ -122,8 +130,27 @@ def jax_worker(hf_dir: str) -> dict:
   res["compile_s_prefill"] = time.perf_counter() - t
   res["prefill_tok_s"] = FLAGS.prefill_len / _best(
       lambda: pre(weights, cache, long).block_until_ready(), FLAGS.repeats)
-  res["peak_rss_mb"] = _peak_rss_mb()
+  res["peak_rss_mb"] = peak_rss_mb()
   return res
+
+
+def decode_roofline_tok_s(r: dict, batch: int, bandwidth: float) -> float:
+  """Tokens/s if a decode step only read the weights and the filled cache once.
+
+  Per step: every weight byte, plus K and V of the filled slots (prompt + on
+  average half the new tokens) for every layer and row, at the measured read
+  bandwidth (bytes/s).
+  """
+  slots = FLAGS.prompt_len + FLAGS.new_tokens / 2
+  cache = 2 * r["layers"] * batch * r["kv_heads"] * slots * r["head_dim"] * r["cache_itemsize"]
+  return batch * bandwidth / (r["weight_bytes"] + cache)
+
+
+def prefill_flops(r: dict, t: int) -> float:
+  """Model FLOPs of a t-token prefill: 2 N per token, causal attention (QK and PV
+  over half the pairs), the LM head for the last token."""
+  attn = 2 * 2 * r["layers"] * r["heads"] * r["head_dim"] * t * t / 2
+  return 2 * r["nonembed_params"] * t + attn + 2 * r["hidden"] * r["vocab"]
 
 
 def torch_worker(hf_dir: str) -> dict:
@@ -151,7 +178,7 @@ def torch_worker(hf_dir: str) -> dict:
     model(long, logits_to_keep=1)
     res["prefill_tok_s"] = FLAGS.prefill_len / _best(lambda: model(long, logits_to_keep=1),
                                                      FLAGS.repeats)
-  res["peak_rss_mb"] = _peak_rss_mb()
+  res["peak_rss_mb"] = peak_rss_mb()
   return res
 
 
@@ -166,29 +193,49 @@ def _run_worker(kind: str, hf_dir: str) -> dict:
 
 
 def core_suite(hf_dir: str) -> dict:
-  hw = _run_worker("hardware", hf_dir)
-  ours, ref = {**_run_worker("jax", hf_dir), **hw}, _run_worker("torch", hf_dir)
-  roofline_tok_s = ours["read_gbps"] * 1e9 / ours["weight_bytes"]
-  rows = [
-      ("decode tok/s, batch 1", ours["decode_tok_s_b1"], ref["decode_tok_s_b1"]),
-      ("decode tok/s, batch 8", ours["decode_tok_s_b8"], ref["decode_tok_s_b8"]),
-      ("prefill tok/s, 1024 prompt", ours["prefill_tok_s"], ref["prefill_tok_s"]),
-      ("peak RSS MB", ours["peak_rss_mb"], ref["peak_rss_mb"]),
-  ]
-  print("\n## core: embedded SmolLM2-135M-Instruct, f32, CPU")
-  print(f"| metric | diffmas-jax | transformers | ratio |\n|---|---|---|---|")
-  for name, a, b in rows:
-    print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
-  frac = ours["decode_tok_s_b1"] / roofline_tok_s
-  print(f"\nmeasured read bandwidth {ours['read_gbps']:.1f} GB/s, weights "
-        f"{ours['weight_bytes'] / 1e6:.0f} MB -> roofline {roofline_tok_s:.1f} tok/s at batch 1; "
-        f"ours reaches {100 * frac:.0f}% ({ours['decode_ms_per_step_b1']:.1f} ms/token)")
-  print(f"matmul peak measured {ours['matmul_gflops']:.0f} GFLOP/s")
-  print(f"first call (compile, or a load from the compile cache): decode b1 "
-        f"{ours['compile_s_b1']:.1f}s, b8 {ours['compile_s_b8']:.1f}s, "
-        f"prefill {ours['compile_s_prefill']:.1f}s")
-  return {"ours": ours, "transformers": ref, "roofline_tok_s_b1": roofline_tok_s,
-          "roofline_fraction_b1": frac}
+  runs = []
+  for i in range(FLAGS.runs):
+    hw = _run_worker("hardware", hf_dir)
+    runs.append({"ours": {**_run_worker("jax", hf_dir), **hw}, "transformers": _run_worker(
+        "torch", hf_dir), "load": os.getloadavg()[0]})
+    print(f"core run {i + 1}/{FLAGS.runs} done (load {runs[-1]['load']:.1f})", file=sys.stderr)
+  col = lambda who, key: [r[who][key] for r in runs]
+  rows = [("decode tok/s, batch 1", "decode_tok_s_b1", True),
+          ("decode tok/s, batch 8", "decode_tok_s_b8", True),
+          ("prefill tok/s, 1024 prompt", "prefill_tok_s", True),
+          ("peak RSS MB (own process)", "peak_rss_mb", False)]
+  loads = [r["load"] for r in runs]
+  print(f"\n## core: embedded SmolLM2-135M-Instruct, f32, CPU; median [min, max] of "
+        f"{len(runs)} runs (1-min load average {fmt(loads)})")
+  print("| metric | diffmas-jax | transformers | ratio (per run) |\n|---|---|---|---|")
+  for name, key, higher in rows:
+    ours, ref = col("ours", key), col("transformers", key)
+    # Speed: ours / theirs (higher is better); memory: ours / theirs (lower is better).
+    print(f"| {name} | {fmt(ours)} | {fmt(ref)} | {fmt(ratios(ours, ref), 2, 'x')} |")
+  bw = [r["ours"]["read_gbps"] * 1e9 for r in runs]
+  print("\n| efficiency | diffmas-jax | transformers |\n|---|---|---|")
+  fractions = {}
+  for batch in (1, 8):
+    roof = [decode_roofline_tok_s(r["ours"], batch, b) for r, b in zip(runs, bw)]
+    for who in ("ours", "transformers"):
+      fractions[(who, batch)] = [100 * r[who][f"decode_tok_s_b{batch}"] / x
+                                 for r, x in zip(runs, roof)]
+    print(f"| decode batch {batch}: % of bandwidth roofline ({fmt(roof)} tok/s) | "
+          f"{fmt(fractions[('ours', batch)], 0, '%')} | {fmt(fractions[('transformers', batch)], 0, '%')} |")
+  flops = prefill_flops(runs[0]["ours"], FLAGS.prefill_len)
+  peak = [r["ours"]["matmul_gflops"] * 1e9 for r in runs]
+  for who in ("ours", "transformers"):
+    fractions[(who, "prefill")] = [100 * flops * r[who]["prefill_tok_s"] / FLAGS.prefill_len / p
+                                   for r, p in zip(runs, peak)]
+  print(f"| prefill {FLAGS.prefill_len}: % of f32 matmul peak ({fmt([p / 1e9 for p in peak], 0)} "
+        f"GFLOP/s; {flops / 1e9:.0f} GFLOP) | {fmt(fractions[('ours', 'prefill')], 0, '%')} | "
+        f"{fmt(fractions[('transformers', 'prefill')], 0, '%')} |")
+  print(f"\nmeasured read bandwidth {fmt([b / 1e9 for b in bw])} GB/s; weights "
+        f"{runs[0]['ours']['weight_bytes'] / 1e6:.0f} MB; roofline counts the weights and the "
+        f"filled KV cache once per step")
+  print(f"first-call compile + run s: decode b1 {fmt(col('ours', 'compile_s_b1'))}, b8 "
+        f"{fmt(col('ours', 'compile_s_b8'))}, prefill {fmt(col('ours', 'compile_s_prefill'))}")
+  return {"runs": runs, "roofline_percent": {f"{w}/{b}": v for (w, b), v in fractions.items()}}
 
 
 def main(argv):
@@ -206,7 +253,7 @@ def main(argv):
         results["core"] = core_suite(hf_dir)
       else:  # latent / train suites live in bench/ beside their own code
         import importlib
-        results[suite] = importlib.import_module(f"bench.bench_{suite}").run(hf_dir)
+        results[suite] = importlib.import_module(f"bench.bench_{suite}").run(hf_dir, runs=FLAGS.runs)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(results, f, indent=1)

@@ -25,6 +25,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from diffmas_jax.loading import check_source, load_model
+  from diffmas_jax.model import per_layer
   from launch.runtime import init_runtime, make_workdir
 
   cfg = FLAGS.config
@@ -38,6 +39,8 @@ def main(argv):
   init_runtime(FLAGS.multihost)
   workdir = make_workdir(FLAGS.workdir or cfg.workdir, f"eval_{cfg.eval.task}")
   model = load_model(cfg.model.source, dtype=cfg.model.dtype)
+  # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
+  model.weights = per_layer(model.weights)
   out = evaluate(model, records, list(cfg.eval.methods), cfg.eval, cfg.agents, workdir)
   with open(out["summary_md"]) as f:
     print(f.read())

@@ -154,6 +154,7 @@ def trace_and_decode(weights: Weights, cfg: ModelConfig, cache: KVCache, batch: 
   `cache`: empty, `pipeline_capacity(batch, spec, sc.max_new_tokens)` slots,
   made outside jit (donated). Returns the solver's Generation.
   """
+  weights = model_lib.per_layer(weights)  # no-op when the caller keeps per-layer weights
   out = solver_prefill(weights, cfg, cache, batch, realigner, spec, lora)
   _, _, solver_lora = topology.split_lora(lora)
   last = model_lib.lm_head(weights, out.hidden[:, -1:])[:, 0]  # [B, V]

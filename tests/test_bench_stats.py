@@ -1,0 +1,28 @@
+"""Benchmark statistics: median [min, max] formatting, per-run ratios, per-process peak RSS."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bench.stats import fmt, peak_rss_mb, ratios
+
+
+def test_fmt_and_ratios():
+  assert fmt([3.0, 1.0, 2.0]) == "2.0 [1.0, 3.0]"
+  assert fmt([2.5], 2, "x") == "2.50x"
+  # Ratios are per run (paired), not a ratio of medians.
+  assert ratios([10.0, 30.0], [5.0, 10.0]) == [2.0, 3.0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux-only")
+def test_child_reports_its_own_peak_not_the_parents():
+  """ru_maxrss survives vfork + exec, so a child started by a big parent reported the
+  parent's peak; VmHWM starts afresh with the child's address space."""
+  big = np.ones(400 * 2**20 // 8)  # ~400 MB resident in this (parent) process
+  assert peak_rss_mb() > 400
+  code = "from bench.stats import peak_rss_mb; print(peak_rss_mb())"
+  out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+  assert float(out.stdout) < 200, out.stdout
+  del big
