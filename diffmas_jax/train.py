@@ -149,6 +149,9 @@ class StepConfig:
   grad_mode: str
   remat: bool = True
   dropout: float = 0.0
+  # Another objective (diffmas_jax/ablations.py: TextMAS+SFT, C2C), called as
+  # (params, weights, cache, batch, realigner, key, step) -> (loss, metrics); None: DiffMAS.
+  objective: Any = None
 
 
 def train_step(state: TrainState, weights: Weights, cache: KVCache, batch: PipelineBatch,
@@ -160,9 +163,14 @@ def train_step(state: TrainState, weights: Weights, cache: KVCache, batch: Pipel
   donate_argnums=(0,))` (see `make_train_step`), with the cache created outside jit.
   """
   rng, drop_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, weights, sc.cfg, cache, batch, realigner, sc.spec,
-                                sc.grad_mode, sc.remat, sc.dropout, drop_key)
+  if sc.objective is not None:
+    grad_fn = jax.value_and_grad(sc.objective, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, weights, cache, batch, realigner, drop_key,
+                                  state.step)
+  else:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, weights, sc.cfg, cache, batch, realigner,
+                                  sc.spec, sc.grad_mode, sc.remat, sc.dropout, drop_key)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
