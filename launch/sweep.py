@@ -142,7 +142,7 @@ def main(argv):
     rc = subprocess.call(cmd)
     if rc != 0:
       raise SystemExit(f"the m={m} run failed (exit {rc}); rerun this command to resume it")
-  table, points = sweep_table(FLAGS.workdir, values)
+  table, points = sweep_table(FLAGS.workdir, sorted(values))
   _write(os.path.join(FLAGS.workdir, "msweep.md"),
          f"# m-sweep: {FLAGS.config} {' '.join(passthrough)}\n\n{table}")
   if points:

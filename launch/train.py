@@ -4,7 +4,7 @@
   python -m launch.train --config=configs/gpqa.py --config.model.source=/models/Qwen3-8B \\
       --config.eval.data_path=/data/gpqa_diamond.csv --workdir=runs/gpqa
   python -m launch.train --config=configs/gpqa.py:quickstart --config.train.grad_mode=per_agent
-  python -m launch.train --config=configs/gpqa.py:quickstart,c2c     # ablations: configs/ablations.py
+  python -m launch.train --config=configs/gpqa.py:quickstart,c2c   # ablations: configs/ablations.py
 
 The workdir receives metrics.jsonl, loss.png, checkpoints/, adapter/ (PEFT; C2C:
 c2c_fuser.safetensors),
