@@ -187,7 +187,7 @@ def target_logits(fuser: Fuser, weights: Weights, cfg: ModelConfig, cache: KVCac
   return model_lib.lm_head(weights, out.hidden)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sc", "spec"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "spec"))
 def fuse_and_decode(fuser: Fuser, weights: Weights, cfg: ModelConfig, cache: KVCache,
                     batch: PipelineBatch, realigner: agents.Realigner, key: jax.Array, *,
                     sc: sampling.SamplingConfig, spec: topology.TraceSpec) -> sampling.Generation:
