@@ -7,7 +7,7 @@
 AIME files are jsonl/parquet with "problem" and "answer"; eval.data_path points to one.
 """
 
-from configs import paper
+from configs import ablations, paper
 
 
 def get_config(arg: str | None = None):
@@ -16,4 +16,4 @@ def get_config(arg: str | None = None):
   if "quickstart" in opts:
     paper.quickstart_variant(cfg, eval_task="math500", stand_in_for="AIME 2024/2025 (not bundled)",
                              eval_limit=10, max_new_tokens=256)
-  return cfg
+  return ablations.apply(cfg, opts)

@@ -90,6 +90,9 @@ def eval_config() -> mlc.ConfigDict:
 def train_config() -> mlc.ConfigDict:
   """DiffMAS training (diffmas_jax/train.py, data.py, trainer.py)."""
   return mlc.ConfigDict(dict(
+      # What trains (diffmas_jax/ablations.py): diffmas (LoRA through the latent trace),
+      # textmas_sft (the solver's LoRA on fixed upstream text), c2c (the cache fuser only).
+      method="diffmas",
       grad_mode="shared",  # final_only | shared | per_agent (SPEC section 2)
       # Training data: math (MATH train, reference solutions), humaneval (canonical
       # solutions; those problems are then excluded from HumanEval evaluation),
@@ -131,6 +134,16 @@ def lora_config() -> mlc.ConfigDict:
   ))
 
 
+def c2c_config() -> mlc.ConfigDict:
+  """The C2C cache fuser (diffmas_jax/c2c.py), used when train.method = c2c."""
+  return mlc.ConfigDict(dict(
+      hidden=256,  # MLP width of each layer's K and V fuser
+      gate_init=1.0,  # initial gate logit (> 0: open at evaluation, where the gate is hard)
+      tau_start=1.0,  # Gumbel-sigmoid temperature, annealed geometrically over the updates
+      tau_end=0.01,
+  ))
+
+
 def checkpoint_config() -> mlc.ConfigDict:
   # every_updates: optimizer updates between saves (also saved at the end).
   return mlc.ConfigDict(dict(every_updates=1, max_to_keep=2, async_save=True))
@@ -144,6 +157,7 @@ def base_config() -> mlc.ConfigDict:
       eval=eval_config(),
       train=train_config(),
       lora=lora_config(),
+      c2c=c2c_config(),
       checkpoint=checkpoint_config(),
       workdir="",
       seed=0,

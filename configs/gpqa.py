@@ -9,7 +9,7 @@ Question / Correct Answer / Incorrect Answer 1-3) and point eval.data_path to
 it. The quickstart variant evaluates on ARC-Challenge as the offline stand-in.
 """
 
-from configs import paper
+from configs import ablations, paper
 
 
 def get_config(arg: str | None = None):
@@ -18,4 +18,4 @@ def get_config(arg: str | None = None):
   if "quickstart" in opts:
     paper.quickstart_variant(cfg, eval_task="arc_challenge",
                              stand_in_for="GPQA-Diamond (gated, not bundled)")
-  return cfg
+  return ablations.apply(cfg, opts)

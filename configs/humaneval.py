@@ -7,7 +7,7 @@ The 50 training problems are excluded from evaluation automatically.
   python -m launch.train --config=configs/humaneval.py:quickstart   # HumanEval (bundled)
 """
 
-from configs import paper
+from configs import ablations, paper
 
 
 def get_config(arg: str | None = None):
@@ -19,4 +19,4 @@ def get_config(arg: str | None = None):
                              "not bundled)", eval_limit=10, max_new_tokens=192, num_examples=16)
     cfg.train.epochs = 2.0
     cfg.train.max_target_tokens = 256
-  return cfg
+  return ablations.apply(cfg, opts)

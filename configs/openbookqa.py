@@ -9,7 +9,7 @@ diffmas_jax.tasks.training_data.commonsenseqa_train), or your own jsonl via
   python -m launch.train --config=configs/openbookqa.py:quickstart
 """
 
-from configs import paper
+from configs import ablations, paper
 
 
 def get_config(arg: str | None = None):
@@ -18,4 +18,4 @@ def get_config(arg: str | None = None):
                            eval_task="openbookqa", max_new_tokens=2048)
   if "quickstart" in opts:
     paper.quickstart_variant(cfg, eval_task="openbookqa", stand_in_for="", num_examples=32)
-  return cfg
+  return ablations.apply(cfg, opts)

@@ -8,6 +8,7 @@ on the embedded SmolLM2-135M-Instruct within ~15 minutes on a 2-core CPU.
 
 from __future__ import annotations
 
+from configs import ablations
 from configs.common import base_config
 
 PAPER_MODEL = "Qwen/Qwen3-8B"  # or a local HF directory: --config.model.source=/models/Qwen3-8B
@@ -69,8 +70,10 @@ def quickstart_variant(cfg, *, eval_task: str, stand_in_for: str, eval_limit: in
 
 
 def parse_options(arg: str | None, allowed=QUICKSTART_OPTIONS) -> set[str]:
+  """Variant names after the colon; the ablations (configs/ablations.py) are always allowed."""
   opts = {a.strip() for a in (arg or "").split(",") if a.strip()}
-  unknown = opts - set(allowed)
+  unknown = {o for o in opts if o not in allowed and not ablations.is_option(o)}
   if unknown:
-    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; available: {allowed}")
+    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; available: {allowed} + "
+                     f"{ablations.OPTIONS} + m<N> (latent steps)")
   return opts

@@ -70,9 +70,14 @@ def as_record(example: TrainExample) -> Record:
 def encode_examples(tokenizer, examples: Sequence[TrainExample],
                     roles: Sequence[prompts.AgentRole], *, max_prompt_tokens: int,
                     max_target_tokens: int, on_overlong: str = "truncate",
-                    solver_text: str | None = None, template_kwargs: dict | None = None
+                    solver_text: str | None = None, template_kwargs: dict | None = None,
+                    solver_previous: Sequence[Sequence[tuple[str, str]]] | None = None
                     ) -> EncodedExamples:
-  """Tokenises agent prompts, solver prompt and target (+ eos) at fixed widths."""
+  """Tokenises agent prompts, solver prompt and target (+ eos) at fixed widths.
+
+  `solver_previous`: per example, [(role, text)] notes for the solver's prompt
+  (TextMAS+SFT: the upstream agents' fixed text); default none (latent trace).
+  """
   if on_overlong not in ON_OVERLONG:
     raise TrainDataError(f"train.on_overlong={on_overlong!r}; expected one of {ON_OVERLONG}")
   if not examples:
@@ -80,10 +85,11 @@ def encode_examples(tokenizer, examples: Sequence[TrainExample],
                          "(check --config.train.data and its path)")
   agent_tok, agent_val, solver_tok, solver_val, tgt_tok, tgt_val, ids = [], [], [], [], [], [], []
   truncated = dropped = 0
-  for ex in examples:
+  for i, ex in enumerate(examples):
     record = as_record(ex)
     chats = [prompts.upstream_messages(role, record) for role in roles]
-    chats.append(prompts.solver_messages(record, text=solver_text))
+    previous = solver_previous[i] if solver_previous is not None else ()
+    chats.append(prompts.solver_messages(record, previous, text=solver_text))
     toks, vals = encode_chats(tokenizer, chats, bucket=1, template_kwargs=template_kwargs)
     width = int(vals.sum(axis=1).max())
     if width > max_prompt_tokens:

@@ -179,6 +179,9 @@ class StepConfig:
   dropout: float = 0.0
   mesh: jax.sharding.Mesh | None = None  # set: logits and loss stay vocab-sharded
   rules: tuple | None = None  # sharding.rule_pairs(...); None = sharding.DEFAULT_RULES
+  # Another objective (diffmas_jax/ablations.py: TextMAS+SFT, C2C), called as
+  # (params, weights, cache, batch, realigner, key, step) -> (loss, metrics); None: DiffMAS.
+  objective: Any = None
 
 
 def train_step(state: TrainState, weights: Weights, cache: KVCache, batch: PipelineBatch,
@@ -191,9 +194,15 @@ def train_step(state: TrainState, weights: Weights, cache: KVCache, batch: Pipel
   """
   _check_step_inputs(sc, weights, cache, batch)
   rng, drop_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, weights, sc.cfg, cache, batch, realigner, sc.spec,
-                                sc.grad_mode, sc.remat, sc.dropout, drop_key, sc.mesh, sc.rules)
+  if sc.objective is not None:
+    grad_fn = jax.value_and_grad(sc.objective, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, weights, cache, batch, realigner, drop_key,
+                                  state.step)
+  else:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, weights, sc.cfg, cache, batch, realigner,
+                                  sc.spec, sc.grad_mode, sc.remat, sc.dropout, drop_key, sc.mesh,
+                                  sc.rules)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),

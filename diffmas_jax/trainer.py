@@ -22,12 +22,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from diffmas_jax import agents, checkpoint, data, lora as lora_lib, prompts, sharding, topology
+from diffmas_jax import ablations, agents, c2c, checkpoint, data, lora as lora_lib, prompts
+from diffmas_jax import sharding, topology
 from diffmas_jax import train as train_lib
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.loading import LoadedModel
 from diffmas_jax.logging_utils import MetricsLogger, plot_loss_curve
-from diffmas_jax.methods.latent_mas import trace_capacity
 from diffmas_jax.tasks import training_data
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,12 @@ def training_examples(train_cfg: Any) -> tuple[list[training_data.TrainExample],
 
 def fingerprint(cfg: Any, model: LoadedModel) -> dict:
   """What must not change between a run and its resumption."""
-  keep = {k: cfg.train[k] for k in cfg.train if k not in ()}
+  # method=diffmas is left out so workdirs from before the ablations still resume.
+  keep = {k: cfg.train[k] for k in cfg.train if not (k == "method" and cfg.train[k] == "diffmas")}
   return json.loads(json.dumps(dict(model=model.source, dtype=model.cfg.dtype, train=keep,
                                     lora=cfg.lora.to_dict(), agents=cfg.agents.to_dict(),
-                                    mesh=cfg.mesh.to_dict()), default=str))
+                                    mesh=cfg.mesh.to_dict(), **ablations.fingerprint_extra(cfg)),
+                               default=str))
 
 
 def _global(tree: Any, shardings: Any) -> Any:
@@ -90,7 +92,8 @@ def _batch_shardings(mesh, batch, rules=sharding.DEFAULT_RULES):
   return jax.tree.map(one, batch)
 
 
-def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realigner):
+def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realigner,
+                   objective=None):
   """params -> mean loss on the first `tc.probe_examples` examples, or None.
 
   Runs in micro-batches of the training shape (same shardings; the last one
@@ -103,8 +106,12 @@ def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realig
             for i in range(0, n, tc.batch_size)]
   # Weights and realigner are arguments, not closed over: jit would bake them
   # into the program as constants.
-  loss = jax.jit(lambda params, weights, batch, cache, realigner: train_lib.loss_fn(
-      params, weights, cfg, cache, batch, realigner, spec, tc.grad_mode, remat=False)[0])
+  if objective is not None:  # evaluation behaviour: no dropout, hard C2C gates
+    loss = jax.jit(lambda params, weights, batch, cache, realigner: objective(
+        params, weights, cache, batch, realigner, None, None)[0])
+  else:
+    loss = jax.jit(lambda params, weights, batch, cache, realigner: train_lib.loss_fn(
+        params, weights, cfg, cache, batch, realigner, spec, tc.grad_mode, remat=False)[0])
   return lambda params: float(np.mean([loss(params, weights, c, make_cache(), realigner)
                                        for c in chunks]))
 
@@ -114,6 +121,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   """Trains the configured adapters; resumable (see module docstring)."""
   tc = cfg.train
   train_lib.check_grad_mode(tc.grad_mode)
+  method = ablations.check_method(tc.get("method", "diffmas"), tc.grad_mode)
   lora_cfg = lora_lib.LoraConfig.from_config(cfg.lora)
   roles = prompts.roles_from_config(cfg.agents)
   spec = topology.TraceSpec(steps=tuple(r.latent_steps for r in roles),
@@ -121,11 +129,16 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
                             position_layout=cfg.agents.position_layout,
                             trace_cut=cfg.agents.get("trace_cut", "hide"))
   examples, excluded = training_examples(tc)
+  notes = None
+  if method == "textmas_sft":  # the upstream agents' text, decoded once by the frozen model
+    notes = ablations.textmas_notes(model, examples, cfg.agents, cfg.eval,
+                                    os.path.join(workdir, "textmas_notes.jsonl"))
   encoded = data.encode_examples(
       model.tokenizer, examples, roles, max_prompt_tokens=tc.max_prompt_tokens,
       max_target_tokens=tc.max_target_tokens, on_overlong=tc.on_overlong,
       solver_text=prompts.solver_text(cfg.agents),
-      template_kwargs=prompts.template_kwargs(model.tokenizer, cfg.agents.enable_thinking))
+      template_kwargs=prompts.template_kwargs(model.tokenizer, cfg.agents.enable_thinking),
+      solver_previous=notes)
   total_micro = data.num_micro_steps(len(encoded), tc.epochs, tc.batch_size, tc.grad_accum)
   total_updates = total_micro // tc.grad_accum
   optimizer, schedule = train_lib.make_optimizer(tc, total_updates)
@@ -134,7 +147,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   replicated = NamedSharding(mesh, P())
   sample = encoded.take(np.arange(tc.batch_size) % len(encoded))
   batch_sh = _batch_shardings(mesh, sample)
-  capacity = trace_capacity(sample, spec)
+  capacity = ablations.capacity(method, sample, spec)
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, tc.batch_size, 1), mesh)
   # A no-op (same arrays) when the model was loaded with load_model(..., mesh=mesh), as the
   # launcher does; otherwise the caller's unsharded copy stays alive beside this one.
@@ -144,20 +157,26 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
                                   model.cfg.vocab_size)
   realigner = jax.device_put(agents.make_realigner(weights, cfg.agents.realign_lambda,
                                                    cfg.agents.realign, rows), replicated)
-  params = train_lib.init_params(model.cfg, lora_cfg, tc.grad_mode, spec.num_agents,
-                                 jax.random.key(tc.seed))
+  fuser_cfg = c2c.FuserConfig.from_config(cfg.c2c, total_micro) if method == "c2c" else None
+  params = ablations.init_params(method, model.cfg, lora_cfg, tc.grad_mode, spec.num_agents,
+                                 jax.random.key(tc.seed), fuser_cfg)
   state = jax.device_put(train_lib.init_state(params, optimizer, tc.seed), replicated)
   state_sh = jax.tree.map(lambda _: replicated, state)
+  step_cfg = train_lib.StepConfig(model.cfg, spec, tc.grad_mode, tc.remat_stages,
+                                  lora_cfg.dropout, mesh=mesh)
+  objective = None
+  if method != "diffmas":
+    objective = ablations.objective(method, step_cfg, fuser_cfg)
+    step_cfg = dataclasses.replace(step_cfg, objective=objective)
   step_fn = train_lib.make_train_step(
-      optimizer, schedule,
-      train_lib.StepConfig(model.cfg, spec, tc.grad_mode, tc.remat_stages, lora_cfg.dropout,
-                           mesh=mesh),
+      optimizer, schedule, step_cfg,
       shardings=dict(state=state_sh, weights=sharding.weight_shardings(model.cfg, mesh),
                      cache=cache_sh, batch=batch_sh, realigner=replicated,
                      replicated=replicated))
   make_cache = jax.jit(lambda: KVCache.init(model.cfg, tc.batch_size, capacity,
                                             weights.embed.dtype), out_shardings=cache_sh)
-  probe = _probe_loss_fn(tc, model.cfg, spec, encoded, batch_sh, weights, make_cache, realigner)
+  probe = _probe_loss_fn(tc, model.cfg, spec, encoded, batch_sh, weights, make_cache, realigner,
+                         objective)
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  cfg.checkpoint.every_updates * tc.grad_accum,
@@ -171,8 +190,11 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   metrics_log = MetricsLogger(workdir)
   kill_at = int(os.environ.get(KILL_AFTER_SAVE_ENV, "-1"))
   if jax.process_index() == 0:
-    print(f"training {tc.grad_mode} adapters (r={lora_cfg.rank}, alpha={lora_cfg.alpha}, "
-          f"{lora_lib.num_params(params):,} parameters) on {len(encoded)} examples: "
+    what = (f"the C2C fuser (hidden {fuser_cfg.hidden}" if method == "c2c" else
+            f"{method if method != 'diffmas' else tc.grad_mode} adapters (r={lora_cfg.rank}, "
+            f"alpha={lora_cfg.alpha}")
+    print(f"training {what}, {lora_lib.num_params(params):,} parameters) on {len(encoded)} "
+          "examples: "
           f"{total_updates} updates x {tc.grad_accum} micro-steps of {tc.batch_size}; "
           f"trace {spec.length(tc.max_prompt_tokens)} slots + solver "
           f"{tc.max_prompt_tokens} + target {tc.max_target_tokens}")

@@ -4,6 +4,8 @@
   python -m launch.eval --config=configs/eval_arc.py:quick
   python -m launch.eval --config=configs/eval_task.py:task=medqa \\
       --config.eval.methods='("single","latent_mas")' --config.agents.latent_steps=0
+  python -m launch.eval --config=configs/eval_arc.py --config.eval.methods='("c2c",)' \\
+      --c2c_fuser=runs/train_math_c2c/c2c_fuser.safetensors
 
 Writes <workdir>/results.jsonl (one line per sample; rerunning skips finished
 samples), summary.md, summary.json, accuracy.png and run_config.json.
@@ -18,6 +20,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/eval_*.py)
                                 lock_config=True)
 flags.DEFINE_string("workdir", "", "Run directory (default runs/eval_<task>).")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (pods, SLURM).")
+flags.DEFINE_string("c2c_fuser", "", "A trained C2C fuser (<train workdir>/c2c_fuser.safetensors) "
+                    "for the method 'c2c'.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -41,7 +45,12 @@ def main(argv):
   model = load_model(cfg.model.source, dtype=cfg.model.dtype)
   # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
   model.weights = per_layer(model.weights)
-  out = evaluate(model, records, list(cfg.eval.methods), cfg.eval, cfg.agents, workdir)
+  trained = None
+  if FLAGS.c2c_fuser:
+    from diffmas_jax import c2c
+    trained = c2c.load_fuser(FLAGS.c2c_fuser, model.cfg)
+  out = evaluate(model, records, list(cfg.eval.methods), cfg.eval, cfg.agents, workdir,
+                 lora=trained)
   with open(out["summary_md"]) as f:
     print(f.read())
   print(f"per-sample results: {workdir}/results.jsonl; chart: {out['summary_png']}")

@@ -4,8 +4,10 @@
   python -m launch.train --config=configs/gpqa.py --config.model.source=/models/Qwen3-8B \\
       --config.eval.data_path=/data/gpqa_diamond.csv --workdir=runs/gpqa
   python -m launch.train --config=configs/gpqa.py:quickstart --config.train.grad_mode=per_agent
+  python -m launch.train --config=configs/gpqa.py:quickstart,c2c   # ablations: configs/ablations.py
 
-The workdir receives metrics.jsonl, loss.png, checkpoints/, adapter/ (PEFT),
+The workdir receives metrics.jsonl, loss.png, checkpoints/, adapter/ (PEFT; C2C:
+c2c_fuser.safetensors),
 results.jsonl, summary.md / summary.json / accuracy.png and run_config.json.
 Rerunning the same command resumes: training continues from the last finished
 checkpoint and evaluation skips finished samples.
@@ -57,8 +59,11 @@ def main(argv):
                      mesh=mesh)
 
   result = run_training(cfg, model, workdir, mesh)
-  adapters = train_lib.adapters_for(result.params, cfg.train.grad_mode)
-  if jax.process_index() == 0:
+  if cfg.train.method == "c2c":
+    adapters = _export_c2c(cfg, model, result, workdir)
+  else:
+    adapters = train_lib.adapters_for(result.params, cfg.train.grad_mode)
+  if jax.process_index() == 0 and cfg.train.method != "c2c":
     from diffmas_jax import peft_io
     peft_io.save_trained_adapters(f"{workdir}/adapter", model.cfg, adapters,
                                   [r.strip() for r in _roles(cfg)], alpha=cfg.lora.alpha,
@@ -72,6 +77,19 @@ def main(argv):
     with open(out["summary_md"]) as f:
       print(f.read())
     print(f"per-sample results: {workdir}/results.jsonl; chart: {out['summary_png']}")
+
+
+def _export_c2c(cfg, model, result, workdir):
+  """Writes the fuser as <workdir>/c2c_fuser.safetensors; evaluation reads that file back."""
+  import jax
+
+  from diffmas_jax import c2c
+  path = f"{workdir}/c2c_fuser.safetensors"
+  if jax.process_index() == 0:
+    c2c.save_fuser(path, result.params, c2c.FuserConfig.from_config(cfg.c2c, result.micro_steps),
+                   base_model=cfg.model.source)
+    print(f"C2C fuser: {path}; metrics: {result.metrics_path}; loss curve: {result.loss_png}")
+  return c2c.load_fuser(path, model.cfg) if jax.process_count() == 1 else result.params
 
 
 def _roles(cfg):

@@ -125,8 +125,9 @@ def test_method_registry():
   assert resolve("latent_mas") == (latent_mas.run, False)
   assert resolve("diffmas") == (latent_mas.run, True)
   assert resolve("text_mas+lora")[1]
+  assert resolve("c2c")[1] and resolve("textmas_sft") == (resolve("text_mas")[0], True)
   with pytest.raises(ValueError, match="available"):
-    resolve("c2c")
+    resolve("telepathy")
 
 
 # -- batching --------------------------------------------------------------------------------

@@ -5,20 +5,22 @@ other. latent_mas: the roles share one KV trace with latent thoughts.
 
 Adapters: baselines run on the frozen model. A name ending in "+lora" runs the
 base method with the trained adapters (`ctx.lora`); "diffmas" is
-"latent_mas+lora" (DiffMAS = LatentMAS + LoRA trained through the trace).
+"latent_mas+lora" (DiffMAS = LatentMAS + LoRA trained through the trace);
+"textmas_sft" is "text_mas+lora" (the TextMAS+SFT ablation: a solver adapter on
+fixed upstream text); "c2c" runs the trained C2C cache fuser (methods/c2c.py).
 """
 
 from __future__ import annotations
 
 from typing import Mapping
 
-from diffmas_jax.methods import latent_mas, single, text_mas
+from diffmas_jax.methods import c2c, latent_mas, single, text_mas
 from diffmas_jax.methods.base import Method, MethodOutput, RunContext, encode_chats
 from diffmas_jax.methods.latent_mas import PipelineBatch, encode_pipeline, teacher_forced_logits
 
 METHODS: dict[str, Method] = {"single": single.run, "text_mas": text_mas.run,
-                              "latent_mas": latent_mas.run}
-ALIASES = {"diffmas": "latent_mas+lora"}
+                              "latent_mas": latent_mas.run, "c2c": c2c.run}
+ALIASES = {"diffmas": "latent_mas+lora", "textmas_sft": "text_mas+lora", "c2c": "c2c+lora"}
 LORA_SUFFIX = "+lora"
 
 
