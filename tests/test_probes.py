@@ -73,7 +73,8 @@ def test_probe_equals_the_train_step(mode, keep):
 
 
 def test_tap_gradients_match_finite_differences():
-  """2 agents, m = 2: dL/d(K/V block) and dL/d(latent embeddings) vs central differences."""
+  """2 agents, m = 2: dL/d(K/V block) and dL/d(latent embeddings) vs central differences
+  along each block's own gradient direction (where the projection equals its norm)."""
   batch, spec = _setup()
   params = _params("shared")
   up, solver = probes.agent_adapters(params, "shared", 2)
@@ -81,20 +82,17 @@ def test_tap_gradients_match_finite_differences():
   loss = jax.jit(lambda t: probes.probe_loss(t, up, solver, WEIGHTS, CFG, cache, batch, REALIGNER,
                                              spec))
   g = _grads(params, batch, spec, "shared")["grads"]["taps"]
-  taps = probes.zero_taps(CFG, batch, spec)
-  flat_g, _ = jax.flatten_util.ravel_pytree(g)
+  zeros = jax.tree.map(jnp.zeros_like, g)
   for j in range(2):
-    for block in ("kv", "embed"):
-      d = probes.direction(taps, j, block, jax.random.key(7))
-      flat_d, _ = jax.flatten_util.ravel_pytree(d)
-      eps = 2e-3
-      plus = loss(jax.tree.map(lambda x: eps * x, d))
-      minus = loss(jax.tree.map(lambda x: -eps * x, d))
-      numeric = float(plus - minus) / (2 * eps)
-      analytic = float(flat_g @ flat_d)
-      assert abs(numeric - analytic) <= 2e-3 * float(jnp.linalg.norm(flat_g)) + 1e-5, (
-          j, block, numeric, analytic)
-      assert abs(analytic) > 1e-6  # a real signal, not 0 == 0
+    for field in ("k", "v", "embeds"):
+      block = getattr(g, field)[j]
+      norm = float(jnp.linalg.norm(block))
+      assert norm > 1e-4, (j, field, norm)  # a real signal, not 0 == 0
+      d = dataclasses.replace(zeros, **{field: getattr(zeros, field).at[j].set(block / norm)})
+      eps = 2e-2
+      numeric = float(loss(jax.tree.map(lambda x: eps * x, d)) -
+                      loss(jax.tree.map(lambda x: -eps * x, d))) / (2 * eps)
+      np.testing.assert_allclose(numeric, norm, rtol=3e-2, err_msg=f"agent {j} {field}")
 
 
 def test_own_segment_planner_is_reached_only_through_the_critic():
@@ -131,10 +129,11 @@ def test_jvp_sensitivity_matches_finite_differences():
   for j in range(2):
     for block, name in (("kv", "kv_jvp"), ("embed", "embed_jvp")):
       d = probes.direction(taps, j, block, key)
-      eps = 1e-2
+      eps = 5e-2
       fd = (logits(jax.tree.map(lambda x: eps * x, d)) -
             logits(jax.tree.map(lambda x: -eps * x, d))) / (2 * eps)
-      np.testing.assert_allclose(float(jnp.linalg.norm(fd)), float(sens[name][j]), rtol=2e-2)
+      np.testing.assert_allclose(float(jnp.linalg.norm(fd)), float(sens[name][j]), rtol=3e-2)
+      assert float(sens[name][j]) > 1e-3
 
 
 def test_decay_ratio():
