@@ -85,7 +85,7 @@ def _steps(m):
   return out
 
 
-def run(hf_dir: str = "") -> dict:
+def run(hf_dir: str = "", runs: int = 1) -> dict:
   import jax
   import numpy as np
   from diffmas_jax import agents

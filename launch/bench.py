@@ -26,7 +26,7 @@ from launch import cli
 
 from bench.stats import fmt, peak_rss_mb, ratios
 
-flags.DEFINE_string("suites", "core", "Comma list: core, latent, train.")
+flags.DEFINE_string("suites", "core", "Comma list: core, latent, train, methods.")
 flags.DEFINE_string("worker", "", "Internal: one process's measurements (jax|torch|hardware).")
 flags.DEFINE_string("hf_dir", "", "Converted HF directory (made in a temp dir when empty).")
 flags.DEFINE_string("out", "", "Write results JSON here.")
@@ -259,7 +259,7 @@ def main(argv):
       json.dump(results, f, indent=1)
 
 
-SUITES = ("core", "latent", "train")
+SUITES = ("core", "latent", "train", "methods")
 
 
 def _check_inputs() -> None:
