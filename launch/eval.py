@@ -12,10 +12,11 @@ samples), summary.md, summary.json, accuracy.png and run_config.json.
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import runtime  # defines --multihost, --coordinator_address, ...
+
 config_flags.DEFINE_config_file("config", None, "Config file (configs/eval_*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "", "Run directory (default runs/eval_<task>).")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (pods, SLURM).")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -25,6 +26,9 @@ def main(argv):
   from diffmas_jax.evaluation import evaluate
   from diffmas_jax.loading import load_model
   from diffmas_jax.tasks import load_task
+  import jax
+
+  from diffmas_jax import paths
   from launch.runtime import init_runtime, make_workdir
 
   cfg = FLAGS.config
@@ -36,9 +40,9 @@ def main(argv):
                       seed=cfg.eval.seed)
   model = load_model(cfg.model.source, dtype=cfg.model.dtype)
   out = evaluate(model, records, list(cfg.eval.methods), cfg.eval, cfg.agents, workdir)
-  with open(out["summary_md"]) as f:
-    print(f.read())
-  print(f"per-sample results: {workdir}/results.jsonl; chart: {out['summary_png']}")
+  if jax.process_index() == 0:
+    print(paths.as_path(out["summary_md"]).read_text())
+    print(f"per-sample results: {workdir}/results.jsonl; chart: {out['summary_png']}")
 
 
 if __name__ == "__main__":
