@@ -159,8 +159,23 @@ def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realig
   # into the program as constants.
   loss = jax.jit(lambda params, weights, batch, cache, realigner: train_lib.loss_fn(
       params, weights, cfg, cache, batch, realigner, spec, tc.grad_mode, remat=False)[0])
-  return lambda params: float(np.mean([loss(params, weights, c, make_cache(), realigner)
-                                       for c in chunks]))
+  compiled = []
+
+  def probe(params):
+    if not compiled:
+      compiled.append(_compiled(loss, params, weights, chunks[0], make_cache(), realigner))
+    return float(np.mean([compiled[0](params, weights, c, make_cache(), realigner)
+                          for c in chunks]))
+  return probe
+
+
+def _compiled(fn, *args):
+  """`fn` compiled ahead of time for these arguments, once every process has
+  compiled it: a first device collective waits only ~30 s for its peers
+  (gloo on CPU), while compile times may differ by minutes between hosts."""
+  out = fn.lower(*args).compile()
+  multihost.barrier("compiled")
+  return out
 
 
 def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.Mesh,
@@ -191,6 +206,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   batch_sh = _batch_shardings(mesh, sample)
   capacity = trace_capacity(sample, spec)
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, plan.per_call, 1), mesh)
+  multihost.barrier("weights_loaded")  # the first cross-process transfers follow
   weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
   realigner = jax.device_put(agents.make_realigner(weights, cfg.agents.realign_lambda,
                                                    cfg.agents.realign), replicated)
@@ -238,6 +254,8 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   for micro in range(start, total_micro):
     idx = data.micro_batch_indices(len(encoded), plan.per_call, micro, tc.data_seed, tc.shuffle)
     batch = _global_batch(encoded, idx, batch_sh)
+    if micro == start:
+      step_fn = _compiled(step_fn, state, weights, make_cache(), batch, realigner)
     state, metrics = step_fn(state, weights, make_cache(), batch, realigner)
     metrics = jax.device_get(metrics)
     if not math.isfinite(float(metrics["loss"])):
