@@ -89,6 +89,13 @@ def _launch(args, processes, cache_dir, kill_after_save=None):
   return [p.returncode for p in procs], outs, time.perf_counter() - t0
 
 
+def _show(logs):
+  """Each process's log, trimmed to what explains a failure (an abort's reason
+  comes before its long stack dump)."""
+  return "\n".join(f"--- process {i}:\n{log[:3000]}\n...\n{log[-2000:]}"
+                   for i, log in enumerate(logs))
+
+
 def _final_state(workdir):
   import jax
   import orbax.checkpoint as ocp
@@ -103,14 +110,14 @@ def runs(job):
   out = {}
   for name, processes in (("single", 1), ("multi", 2)):
     rcs, logs, seconds = _launch(_args(job, job / name), processes, job / "cache")
-    assert rcs == [0] * processes, "\n".join(log[-3000:] for log in logs)
+    assert rcs == [0] * processes, _show(logs)
     out[name] = (logs, seconds)
   # Kill both processes right after starting the (async) save of micro-step 2 of 4.
   killed = job / "killed"
   rcs, logs, _ = _launch(_args(job, killed, "--skip_eval"), 2, job / "cache", kill_after_save=2)
-  assert rcs == [-9, -9], "\n".join(log[-3000:] for log in logs)
+  assert rcs == [-9, -9], _show(logs)
   rcs, logs, _ = _launch(_args(job, killed, "--skip_eval"), 2, job / "cache")
-  assert rcs == [0, 0], "\n".join(log[-3000:] for log in logs)
+  assert rcs == [0, 0], _show(logs)
   out["killed"] = (logs, None)
   return out
 
