@@ -71,10 +71,13 @@ def training_examples(train_cfg: Any) -> tuple[list[training_data.TrainExample],
 
 
 def fingerprint(cfg: Any, model: LoadedModel, plan: data.BatchPlan | None = None) -> dict:
-  """What must not change between a run and its resumption (the batch split too:
-  a checkpoint's micro-step counts calls of `plan.per_call` examples)."""
+  """What must not change between a run and its resumption; also the batch split
+  when the mesh changed it (a checkpoint's micro-step counts calls of
+  `plan.per_call` examples), so runs on unchanged splits keep their fingerprint."""
   keep = {k: cfg.train[k] for k in cfg.train if k not in ()}
-  split = None if plan is None else dict(per_call=plan.per_call, grad_accum=plan.grad_accum)
+  split = None
+  if plan is not None and (plan.per_call, plan.grad_accum) != plan.configured:
+    split = dict(per_call=plan.per_call, grad_accum=plan.grad_accum)
   return json.loads(json.dumps(dict(model=model.source, dtype=model.cfg.dtype, train=keep,
                                     lora=cfg.lora.to_dict(), agents=cfg.agents.to_dict(),
                                     mesh=cfg.mesh.to_dict(),
