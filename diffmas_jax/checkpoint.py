@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from diffmas_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, every_steps: int, max_to_keep: int = 2,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # A local path becomes absolute; a URL (gs://...) stays a URL (orbax and
+    # tensorstore read and write it through epath).
+    self.directory = str(paths.as_path(directory))
     self.every_steps = max(1, int(every_steps))
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        paths.as_path(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save))
 

@@ -11,6 +11,14 @@ Overlong inputs (`train.on_overlong`): "truncate" cuts a target to its first
 `max_target_tokens` tokens (its end-of-sequence token is then lost) and drops an
 example whose prompt does not fit, with one warning counting both; "error"
 refuses the run, naming the first such example and the setting to raise.
+
+Batch arithmetic (`plan_batches`): the configured update (`batch_size` x
+`grad_accum`, the paper's 1 x 64) is kept on any mesh. When `batch_size` is not
+a multiple of the devices the batch is split over, each jitted call takes the
+smallest multiple that divides the update and accumulation shrinks to match
+(1 x 64 on data x fsdp = 8 runs as 8 x 8); an update that cannot be split is
+refused with the valid sizes. Micro-step i still takes the next examples of the
+same stream, so every update sees the same examples whatever the mesh.
 """
 
 from __future__ import annotations
@@ -141,6 +149,57 @@ def micro_batch_indices(num_examples: int, batch_size: int, micro_step: int, see
     return offsets
   return np.array([np.random.default_rng(seed + int(e)).permutation(num_examples)[o]
                    for e, o in zip(epochs, offsets)])
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """How one optimizer update is split: `grad_accum` calls of `per_call` examples."""
+
+  per_call: int  # global examples per jitted call (split over the batch shards)
+  grad_accum: int  # calls per update
+  shards: int  # devices the batch axis is split over
+  configured: tuple[int, int]  # (train.batch_size, train.grad_accum) as configured
+
+  @property
+  def effective(self) -> int:
+    return self.per_call * self.grad_accum
+
+  def describe(self, shard_axes: str = "data x fsdp", rows_per_process: int | None = None
+               ) -> str:
+    b, k = self.configured
+    changed = "" if (b, k) == (self.per_call, self.grad_accum) else (
+        f" (configured batch_size {b} x grad_accum {k}: batch raised to a multiple of the "
+        f"{self.shards} batch shards, accumulation shrunk to keep {self.effective})")
+    hosts = "" if rows_per_process is None else f"; this process builds {rows_per_process} rows"
+    return (f"batch: {self.effective} examples per update = {self.grad_accum} calls x "
+            f"{self.per_call} examples ({self.per_call // self.shards} per shard over "
+            f"{shard_axes} = {self.shards}{hosts}){changed}")
+
+
+def plan_batches(batch_size: int, grad_accum: int, shards: int,
+                 shard_axes: str = "data x fsdp") -> BatchPlan:
+  """Keeps batch_size x grad_accum examples per update with a per-call batch that
+  is a multiple of `shards` (see module docstring); raises TrainDataError naming
+  the valid sizes when no such split exists."""
+  if batch_size < 1 or grad_accum < 1 or shards < 1:
+    raise TrainDataError(f"train.batch_size={batch_size} and train.grad_accum={grad_accum} must "
+                         "be >= 1")
+  effective = batch_size * grad_accum
+  if batch_size % shards == 0:
+    return BatchPlan(batch_size, grad_accum, shards, (batch_size, grad_accum))
+  per_call = next((n for n in range(shards * -(-batch_size // shards), effective + 1, shards)
+                   if effective % n == 0), None)
+  if per_call is None:
+    lower, upper = effective // shards * shards, -(-effective // shards) * shards
+    near = " or ".join(str(n) for n in sorted({lower, upper}) if n > 0)
+    meshes = ", ".join(str(d) for d in range(1, effective + 1) if effective % d == 0)
+    raise TrainDataError(
+        f"train.batch_size={batch_size} x train.grad_accum={grad_accum} = {effective} examples "
+        f"per update cannot be split over the {shards} batch shards ({shard_axes}): each call's "
+        f"batch must be a multiple of {shards} that divides {effective}. Use an update of "
+        f"{near} examples (--config.train.batch_size x --config.train.grad_accum), or a mesh "
+        f"whose {shard_axes} is one of {meshes} (--config.mesh.*)")
+  return BatchPlan(per_call, effective // per_call, shards, (batch_size, grad_accum))
 
 
 def num_micro_steps(num_examples: int, epochs: float, batch_size: int, grad_accum: int) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -25,8 +24,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from diffmas_jax.eval import ResultStore, write_summary
+from diffmas_jax import multihost, paths
+from diffmas_jax.eval import ResultStore, sample_key, stats_by_method, write_summary
 from diffmas_jax.eval_batch import auto_batch_size
+from diffmas_jax.eval.report import ACCURACY_PNG, SUMMARY_MD, _finite
+from diffmas_jax.eval.results import _to_json
 from diffmas_jax.loading import LoadedModel
 from diffmas_jax.methods import Method, RunContext, resolve
 from diffmas_jax.model import per_layer
@@ -50,69 +52,133 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
       of them with "+lora" (run with `lora`), "diffmas" (= "latent_mas+lora"),
       or names in `extra_methods`.
     eval_cfg, agents_cfg: the `eval` and `agents` config sections.
-    workdir: where results.jsonl, summary.md, summary.json, accuracy.png go.
+    workdir: where results.jsonl, summary.md, summary.json, accuracy.png go (a
+      local path or a URL such as gs://bucket/run).
     lora: trained adapters (a LoRA shared by all agents, or a topology.AgentLoRA).
     extra_methods: name -> run function, for methods defined elsewhere.
     notes: extra lines for summary.md (the offline stand-in is added automatically).
-    progress: show a tqdm bar per method.
+    progress: show a tqdm bar.
   Returns:
     {"title", "methods": {name: figures from summary.json}, "summary_md",
-     "summary_png", "records": the per-sample rows of this evaluation}.
+     "summary_png", "records": the per-sample rows of this evaluation}, the same
+    on every process.
+
+  Several processes (a multi-process JAX job) split the pending batches round
+  robin; after each round the new rows are gathered and process 0 alone
+  appends them to results.jsonl and writes the summary. Batches are fixed
+  chunks of `records` whatever the process count, so a run resumed with
+  another number of processes keeps every item's seed.
   """
   if any(r.family == "code" for r in records):  # refuse before any generation, not after
     check_sandbox(eval_cfg.get("sandbox") or None)
   # Inference layout (model.per_layer): decode reads each weight once per step.
   loaded_model = dataclasses.replace(loaded_model, weights=per_layer(loaded_model.weights))
   runs = _method_runs(loaded_model, method_names, eval_cfg, agents_cfg, lora, extra_methods)
-  os.makedirs(workdir, exist_ok=True)
-  _check_run_config(workdir, loaded_model, eval_cfg, agents_cfg, lora)
-  store = ResultStore(os.path.join(workdir, "results.jsonl"))
-  done = store.done_keys()
+  store, done_rows = _open_results(workdir, loaded_model, eval_cfg, agents_cfg, lora)
   batch_size, num_samples = int(eval_cfg.batch_size), int(eval_cfg.num_samples)
   if batch_size <= 0:  # unset: as many rows as the cache budget holds (eval_batch.py)
     batch_size = auto_batch_size(loaded_model.cfg, loaded_model.tokenizer, records, eval_cfg,
                                  agents_cfg)
-  for name, (run, ctx) in runs.items():
+  todo = []
+  for name in runs:
     # Fixed chunks of the record list, so a resumed run keeps each item's seed.
-    chunks = [(s, c, records[i:i + batch_size]) for s in range(num_samples)
-              for c, i in enumerate(range(0, len(records), batch_size))]
-    todo = [(s, c, [r for r in chunk if (name, r.id, s) not in done]) for s, c, chunk in chunks]
-    todo = [t for t in todo if t[2]]
-    bar = tqdm(total=sum(len(t[2]) for t in todo), desc=name, unit="sample", dynamic_ncols=True,
-               disable=not progress)
-    for i, (sample, chunk_index, pending) in enumerate(todo):
-      if i == 0:  # the first batch compiles (or loads from the compile cache)
+    for s in range(num_samples):
+      for c, i in enumerate(range(0, len(records), batch_size)):
+        pending = [r for r in records[i:i + batch_size] if (name, str(r.id), s) not in done_rows]
+        if pending:
+          todo.append((name, s, c, pending))
+  procs, me = jax.process_count(), jax.process_index()
+  bar = tqdm(total=sum(len(t[3]) for t in todo), unit="sample", dynamic_ncols=True,
+             disable=not progress or me != 0)
+  for first in range(0, len(todo), procs):
+    rows = []
+    if first + me < len(todo):
+      name, sample, chunk_index, pending = todo[first + me]
+      bar.set_description(name)
+      if (first == 0 or todo[first + me - procs][0] != name) and progress:
+        # A method's first batch compiles (or loads from the compile cache).
         bar.set_postfix_str("compiling ...", refresh=True)
-      batch = list(pending) + [pending[-1]] * (batch_size - len(pending))
-      seed = int(eval_cfg.seed) + 1000 * sample + chunk_index
-      t0 = time.perf_counter()
-      outs = run(ctx, batch, seed)[:len(pending)]
-      per_sample = (time.perf_counter() - t0) / len(pending)
-      for rec, out in zip(pending, outs):
-        graded = score(rec, out.text, eval_cfg.get("sandbox") or None)
-        store.append(dict(
-            method=name, task=str(eval_cfg.task), id=rec.id, sample_index=sample, seed=seed,
-            batch=chunk_index, question=rec.question, gold=rec.gold,
-            prediction=graded["prediction"], correct=bool(graded["correct"]),
-            detail=graded.get("detail", ""), raw_output=out.text,
-            output_tokens=out.output_tokens, answer_tokens=out.answer_tokens,
-            answer_nll=out.answer_nll, mean_token_entropy=out.mean_token_entropy,
-            trace_len_per_agent=out.trace_len_per_agent, agent_texts=out.agent_texts,
-            seconds=per_sample))
-      bar.update(len(pending))
-      if i == 0:
-        bar.set_postfix_str("")
-    bar.close()
-  wanted = {(n, str(r.id), s) for n in runs for r in records for s in range(num_samples)}
-  rows = [r for r in store.records
-          if (r["method"], str(r["id"]), int(r.get("sample_index", 0))) in wanted]
+      rows = _run_batch(runs[name], name, pending, sample, chunk_index, eval_cfg)
+      bar.set_postfix_str("")
+    if procs > 1:  # every process takes part in the exchange, with or without work
+      rows = [r for b in multihost.allgather_bytes(json.dumps(rows).encode())
+              for r in json.loads(b)]
+    if store is not None:
+      store.extend(rows)
+    done_rows.update((sample_key(row), row) for row in rows)
+    bar.update(sum(len(todo[j][3]) for j in range(first, min(first + procs, len(todo)))))
+  bar.close()
+  # Canonical order (method, sample, item), so the bootstrap sees the same rows in
+  # the same order however many processes wrote them and however often it resumed.
+  position = {str(r.id): i for i, r in enumerate(records)}
+  order = {n: i for i, n in enumerate(runs)}
+  rows = sorted((r for k, r in done_rows.items()
+                 if k[0] in order and k[1] in position and k[2] < num_samples),
+                key=lambda r: (order[r["method"]], int(r.get("sample_index") or 0),
+                               position[str(r["id"])]))
   title = _title(eval_cfg, len(records))
-  md, png = write_summary(rows, workdir, title, _notes(loaded_model, eval_cfg, agents_cfg, runs,
-                                                       notes))
-  with open(os.path.join(workdir, "summary.json")) as f:
-    figures = json.load(f)["methods"]
+  directory = paths.as_path(workdir)
+  md, png = str(directory / SUMMARY_MD), str(directory / ACCURACY_PNG)
+  summary_notes = _notes(loaded_model, eval_cfg, agents_cfg, runs, notes)
+  if multihost.is_main():
+    write_summary(rows, workdir, title, summary_notes)
+    figures = json.loads((directory / "summary.json").read_text())["methods"]
+  else:  # the same figures, computed from the same rows
+    figures = json.loads(json.dumps(_finite(stats_by_method(rows, n_resamples=5000, level=0.95,
+                                                            seed=0))))
+  multihost.barrier("evaluate_summary_written")
   return {"title": title, "methods": figures, "summary_md": md, "summary_png": png,
           "records": rows}
+
+
+def _run_batch(run: tuple[Method, RunContext], name: str, pending: list[Record], sample: int,
+               chunk_index: int, eval_cfg: Any) -> list[dict]:
+  """Runs one fixed-size batch (padded with its last record) and scores it."""
+  fn, ctx = run
+  batch_size = int(eval_cfg.batch_size)
+  batch = list(pending) + [pending[-1]] * (batch_size - len(pending))
+  seed = int(eval_cfg.seed) + 1000 * sample + chunk_index
+  t0 = time.perf_counter()
+  outs = fn(ctx, batch, seed)[:len(pending)]
+  per_sample = (time.perf_counter() - t0) / len(pending)
+  rows = []
+  for rec, out in zip(pending, outs):
+    graded = score(rec, out.text, eval_cfg.get("sandbox") or None)
+    rows.append(json.loads(json.dumps(dict(
+        method=name, task=str(eval_cfg.task), id=rec.id, sample_index=sample, seed=seed,
+        batch=chunk_index, question=rec.question, gold=rec.gold,
+        prediction=graded["prediction"], correct=bool(graded["correct"]),
+        detail=graded.get("detail", ""), raw_output=out.text,
+        output_tokens=out.output_tokens, answer_tokens=out.answer_tokens,
+        answer_nll=out.answer_nll, mean_token_entropy=out.mean_token_entropy,
+        trace_len_per_agent=out.trace_len_per_agent, agent_texts=out.agent_texts,
+        seconds=per_sample), ensure_ascii=False, default=_to_json)))
+  return rows
+
+
+def _open_results(workdir, model, eval_cfg, agents_cfg, lora
+                  ) -> tuple[ResultStore | None, dict]:
+  """(the results store on process 0, else None; {sample key: row} done so far).
+
+  Process 0 checks the settings guard and reads results.jsonl; the others get
+  its rows (or its error) by broadcast, so the workdir need not be shared.
+  """
+  store, payload, error = None, {"rows": []}, None
+  if multihost.is_main():
+    try:
+      paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
+      _check_run_config(workdir, model, eval_cfg, agents_cfg, lora)
+      store = ResultStore(str(paths.as_path(workdir) / "results.jsonl"))
+      payload = {"rows": store.records}
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+      error, payload = e, {"error": f"{type(e).__name__}: {e}"}
+  if jax.process_count() > 1:
+    payload = json.loads(multihost.broadcast_bytes(json.dumps(payload, default=_to_json).encode()))
+  if error is not None:
+    raise error
+  if "error" in payload:
+    raise RuntimeError(f"process 0 could not open {workdir}: {payload['error']}")
+  return store, {sample_key(r): r for r in payload["rows"]}
 
 
 def _method_runs(model, method_names, eval_cfg, agents_cfg, lora, extra_methods
@@ -175,19 +241,17 @@ def _fingerprint(model, eval_cfg, agents_cfg, lora) -> dict:
 
 
 def _check_run_config(workdir, model, eval_cfg, agents_cfg, lora) -> None:
-  path = os.path.join(workdir, "run_config.json")
+  path = paths.as_path(workdir) / "run_config.json"
   current = _fingerprint(model, eval_cfg, agents_cfg, lora)
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  if path.exists():
+    previous = json.loads(path.read_text())
     if previous != current:
       changed = _diff(previous, current)
       raise ValueError(f"{workdir} holds results made with other settings ({changed}); "
                        "resuming would mix them. Use a new --workdir, or delete "
                        f"{path} and results.jsonl to start over.")
     return
-  with open(path, "w") as f:
-    json.dump(current, f, indent=1)
+  paths.write_atomic(path, json.dumps(current, indent=1))
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:

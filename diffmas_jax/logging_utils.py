@@ -8,16 +8,20 @@
 
 A resumed run appends to the same file and re-logs the steps after its
 checkpoint; `read_metrics` keeps only the latest run's rows for those steps.
+In a multi-process job only process 0 writes. Paths may be URLs (gs://...):
+files go through `diffmas_jax.paths` (etils epath).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Mapping
+
+from diffmas_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +33,20 @@ class MetricsLogger:
 
   Attributes:
     path: the JSONL file.
+    writes: False on processes other than 0 of a multi-process job (`log`
+      then only returns the row), unless `write` is given.
   """
 
-  def __init__(self, workdir: str, filename: str = METRICS_FILE):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, filename)
-    _drop_partial_last_line(self.path)
+  def __init__(self, workdir: str, filename: str = METRICS_FILE, write: bool | None = None):
+    if write is None:
+      import jax
+      write = jax.process_index() == 0
+    self.writes = write
+    directory = paths.as_path(workdir)
+    self.path = str(directory / filename)
+    if write:
+      directory.mkdir(parents=True, exist_ok=True)
+      _drop_partial_last_line(self.path)
 
   def log(self, step: int, metrics: Mapping[str, Any] | None = None, **more: Any) -> dict:
     """Writes {"step", "time", **metrics} as one line.
@@ -49,9 +61,8 @@ class MetricsLogger:
     row: dict[str, Any] = {"step": int(step), "time": time.time()}
     for key, value in {**(metrics or {}), **more}.items():
       row[key] = _scalar(key, value)
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
-      f.flush()
+    if self.writes:
+      paths.append_text(self.path, json.dumps(row) + "\n")
     return row
 
 
@@ -64,12 +75,12 @@ def read_metrics(path: str) -> list[dict]:
   every step the last value written wins. Unparseable lines (a kill mid-write)
   are skipped with a warning.
   """
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     raise FileNotFoundError(f"no metrics file at {path}; pass <train workdir>/{METRICS_FILE} "
                             "written by MetricsLogger")
   rows: list[dict] = []
   bad = 0
-  with open(path, encoding="utf-8") as f:
+  with paths.as_path(path).open("r", encoding="utf-8") as f:
     for line in f:
       try:
         row = json.loads(line)
@@ -133,8 +144,9 @@ def plot_loss_curve(metrics_jsonl: str, png_path: str, key: str = "loss",
   ax.set_title(f"training {key}", fontsize=10)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(f"{png_path}.tmp", format="png")
-  os.replace(f"{png_path}.tmp", png_path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  paths.write_atomic(png_path, buf.getvalue())
   return png_path
 
 
@@ -154,13 +166,12 @@ def _scalar(key: str, value: Any) -> Any:
 
 def _drop_partial_last_line(path: str) -> None:
   """Cuts a line left half-written by a kill, so the next row starts on its own line."""
-  if not os.path.exists(path):
+  p = paths.as_path(path)
+  if not p.exists():
     return
-  with open(path, "rb") as f:
-    data = f.read()
+  data = p.read_bytes()
   if data and not data.endswith(b"\n"):
     cut = data.rfind(b"\n") + 1
     log.warning("%s: dropping a partial last line (%d bytes) left by an interrupted run",
                 path, len(data) - cut)
-    with open(path, "r+b") as f:
-      f.truncate(cut)
+    paths.write_atomic(path, data[:cut])

@@ -22,7 +22,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from diffmas_jax import ablations, agents, c2c, checkpoint, data, lora as lora_lib, prompts
+from diffmas_jax import ablations, agents, c2c, checkpoint, data, lora as lora_lib, multihost
+from diffmas_jax import paths, prompts
 from diffmas_jax import sharding, topology
 from diffmas_jax import train as train_lib
 from diffmas_jax.kv_cache import KVCache
@@ -69,20 +70,75 @@ def training_examples(train_cfg: Any) -> tuple[list[training_data.TrainExample],
                             "jsonl")
 
 
-def fingerprint(cfg: Any, model: LoadedModel) -> dict:
-  """What must not change between a run and its resumption."""
+def fingerprint(cfg: Any, model: LoadedModel, plan: data.BatchPlan | None = None) -> dict:
+  """What must not change between a run and its resumption; also the batch split
+  when the mesh changed it (a checkpoint's micro-step counts calls of
+  `plan.per_call` examples), so runs on unchanged splits keep their fingerprint."""
   # method=diffmas is left out so workdirs from before the ablations still resume.
   keep = {k: cfg.train[k] for k in cfg.train if not (k == "method" and cfg.train[k] == "diffmas")}
+  split = None
+  if plan is not None and (plan.per_call, plan.grad_accum) != plan.configured:
+    split = dict(per_call=plan.per_call, grad_accum=plan.grad_accum)
   return json.loads(json.dumps(dict(model=model.source, dtype=model.cfg.dtype, train=keep,
                                     lora=cfg.lora.to_dict(), agents=cfg.agents.to_dict(),
-                                    mesh=cfg.mesh.to_dict(), **ablations.fingerprint_extra(cfg)),
-                               default=str))
+                                    mesh=cfg.mesh.to_dict(), **ablations.fingerprint_extra(cfg),
+                                    **({"batch_split": split} if split else {})), default=str))
 
 
-def _global(tree: Any, shardings: Any) -> Any:
-  """Host numpy (identical on every process) -> global arrays on the mesh."""
-  return jax.tree.map(lambda x, s: jax.make_array_from_callback(
-      np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
+@dataclasses.dataclass(frozen=True)
+class _AccumView:
+  """The train config as the optimizer sees it, with the plan's accumulation."""
+
+  cfg: Any
+  grad_accum: int = 0
+
+  def __getattr__(self, name):
+    return getattr(self.cfg, name)
+
+
+def _batch_axis(ndim: int) -> int:
+  return 1 if ndim == 3 else 0  # agents' arrays are [A, B, T]
+
+
+def _global_batch(encoded: data.EncodedExamples, idx: np.ndarray, shardings: Any) -> Any:
+  """Global batch of examples `idx` on the mesh; each process builds (and
+  tokenises into arrays) only the rows its own devices hold."""
+  built: dict[tuple, list] = {}
+
+  def rows(sl: slice) -> list:
+    key = (sl.start, sl.stop, sl.step)
+    if key not in built:
+      built[key] = jax.tree.leaves(encoded.take(idx[sl]))
+    return built[key]
+
+  template = encoded.take(idx[:1])
+  leaves, treedef = jax.tree.flatten(template)
+  out = []
+  for i, (leaf, sh) in enumerate(zip(leaves, jax.tree.leaves(shardings))):
+    b = _batch_axis(leaf.ndim)
+    shape = leaf.shape[:b] + (len(idx),) + leaf.shape[b + 1:]
+
+    def one_shard(index, i=i, b=b):
+      rest = tuple(slice(None) if d == b else s for d, s in enumerate(index))
+      return rows(index[b])[i][rest]
+    out.append(jax.make_array_from_callback(shape, sh, one_shard))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _rows_per_process(shardings: Any, per_call: int) -> int:
+  """Batch rows this process's devices hold (what `_global_batch` builds here)."""
+  sh = jax.tree.leaves(shardings)[-1]  # a [B, U] target array
+  rows = set()
+  for index in sh.addressable_devices_indices_map((per_call, 1)).values():
+    rows.update(range(*index[0].indices(per_call)))
+  return len(rows)
+
+
+def _batch_shards(mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES) -> tuple[int, str]:
+  """(devices the batch axis is split over, their mesh axes as text)."""
+  spec = sharding.logical_to_spec(("batch",), rules)[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return math.prod(mesh.shape[a] for a in axes), " x ".join(axes) or "no mesh axis"
 
 
 def _batch_shardings(mesh, batch, rules=sharding.DEFAULT_RULES):
@@ -92,7 +148,7 @@ def _batch_shardings(mesh, batch, rules=sharding.DEFAULT_RULES):
   return jax.tree.map(one, batch)
 
 
-def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realigner,
+def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realigner, per_call,
                    objective=None):
   """params -> mean loss on the first `tc.probe_examples` examples, or None.
 
@@ -102,8 +158,8 @@ def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realig
   n = min(int(tc.probe_examples), len(encoded))
   if n <= 0:
     return None
-  chunks = [_global(encoded.take(np.arange(i, i + tc.batch_size) % n), batch_sh)
-            for i in range(0, n, tc.batch_size)]
+  chunks = [_global_batch(encoded, np.arange(i, i + per_call) % n, batch_sh)
+            for i in range(0, n, per_call)]
   # Weights and realigner are arguments, not closed over: jit would bake them
   # into the program as constants.
   if objective is not None:  # evaluation behaviour: no dropout, hard C2C gates
@@ -112,8 +168,23 @@ def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realig
   else:
     loss = jax.jit(lambda params, weights, batch, cache, realigner: train_lib.loss_fn(
         params, weights, cfg, cache, batch, realigner, spec, tc.grad_mode, remat=False)[0])
-  return lambda params: float(np.mean([loss(params, weights, c, make_cache(), realigner)
-                                       for c in chunks]))
+  compiled = []
+
+  def probe(params):
+    if not compiled:
+      compiled.append(_compiled(loss, params, weights, chunks[0], make_cache(), realigner))
+    return float(np.mean([compiled[0](params, weights, c, make_cache(), realigner)
+                          for c in chunks]))
+  return probe
+
+
+def _compiled(fn, *args):
+  """`fn` compiled ahead of time for these arguments, once every process has
+  compiled it: a first device collective waits only ~30 s for its peers
+  (gloo on CPU), while compile times may differ by minutes between hosts."""
+  out = fn.lower(*args).compile()
+  multihost.barrier("compiled")
+  return out
 
 
 def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.Mesh,
@@ -139,16 +210,19 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
       solver_text=prompts.solver_text(cfg.agents),
       template_kwargs=prompts.template_kwargs(model.tokenizer, cfg.agents.enable_thinking),
       solver_previous=notes)
-  total_micro = data.num_micro_steps(len(encoded), tc.epochs, tc.batch_size, tc.grad_accum)
-  total_updates = total_micro // tc.grad_accum
-  optimizer, schedule = train_lib.make_optimizer(tc, total_updates)
+  shards, shard_axes = _batch_shards(mesh)
+  plan = data.plan_batches(tc.batch_size, tc.grad_accum, shards, shard_axes)
+  total_micro = data.num_micro_steps(len(encoded), tc.epochs, plan.per_call, plan.grad_accum)
+  total_updates = total_micro // plan.grad_accum
+  optimizer, schedule = train_lib.make_optimizer(_AccumView(tc, plan.grad_accum), total_updates)
 
   # Shardings: weights by their logical axes, batch over (data, fsdp), the rest replicated.
   replicated = NamedSharding(mesh, P())
-  sample = encoded.take(np.arange(tc.batch_size) % len(encoded))
+  sample = encoded.take(np.arange(plan.per_call) % len(encoded))
   batch_sh = _batch_shardings(mesh, sample)
   capacity = ablations.capacity(method, sample, spec)
-  cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, tc.batch_size, 1), mesh)
+  cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, plan.per_call, 1), mesh)
+  multihost.barrier("weights_loaded")  # the first cross-process transfers follow
   # A no-op (same arrays) when the model was loaded with load_model(..., mesh=mesh), as the
   # launcher does; otherwise the caller's unsharded copy stays alive beside this one.
   weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
@@ -173,15 +247,15 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
       shardings=dict(state=state_sh, weights=sharding.weight_shardings(model.cfg, mesh),
                      cache=cache_sh, batch=batch_sh, realigner=replicated,
                      replicated=replicated))
-  make_cache = jax.jit(lambda: KVCache.init(model.cfg, tc.batch_size, capacity,
+  make_cache = jax.jit(lambda: KVCache.init(model.cfg, plan.per_call, capacity,
                                             weights.embed.dtype), out_shardings=cache_sh)
   probe = _probe_loss_fn(tc, model.cfg, spec, encoded, batch_sh, weights, make_cache, realigner,
-                         objective)
+                         plan.per_call, objective)
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 cfg.checkpoint.every_updates * tc.grad_accum,
+  ckpt = checkpoint.Checkpointer(str(paths.as_path(workdir) / "checkpoints"),
+                                 cfg.checkpoint.every_updates * plan.grad_accum,
                                  cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
-  fp = fingerprint(cfg, model)
+  fp = fingerprint(cfg, model, plan)
   restored = ckpt.restore(checkpoint.abstract_like(state), fp)
   if restored is not None:
     state, _ = restored
@@ -189,13 +263,15 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   start = int(state.step)
   metrics_log = MetricsLogger(workdir)
   kill_at = int(os.environ.get(KILL_AFTER_SAVE_ENV, "-1"))
-  if jax.process_index() == 0:
+  if multihost.is_main():
+    print(plan.describe(shard_axes, _rows_per_process(batch_sh, plan.per_call)
+                        if jax.process_count() > 1 else None))
     what = (f"the C2C fuser (hidden {fuser_cfg.hidden}" if method == "c2c" else
             f"{method if method != 'diffmas' else tc.grad_mode} adapters (r={lora_cfg.rank}, "
             f"alpha={lora_cfg.alpha}")
     print(f"training {what}, {lora_lib.num_params(params):,} parameters) on {len(encoded)} "
           "examples: "
-          f"{total_updates} updates x {tc.grad_accum} micro-steps of {tc.batch_size}; "
+          f"{total_updates} updates x {plan.grad_accum} micro-steps of {plan.per_call}; "
           f"trace {spec.length(tc.max_prompt_tokens)} slots + solver "
           f"{tc.max_prompt_tokens} + target {tc.max_target_tokens}")
 
@@ -207,8 +283,10 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
     metrics_log.log(0, probe_loss=probe(state.params))
   t_window = time.perf_counter()
   for micro in range(start, total_micro):
-    idx = data.micro_batch_indices(len(encoded), tc.batch_size, micro, tc.data_seed, tc.shuffle)
-    batch = _global(encoded.take(idx), batch_sh)
+    idx = data.micro_batch_indices(len(encoded), plan.per_call, micro, tc.data_seed, tc.shuffle)
+    batch = _global_batch(encoded, idx, batch_sh)
+    if micro == start:
+      step_fn = _compiled(step_fn, state, weights, make_cache(), batch, realigner)
     state, metrics = step_fn(state, weights, make_cache(), batch, realigner)
     metrics = jax.device_get(metrics)
     if not math.isfinite(float(metrics["loss"])):
@@ -227,7 +305,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
       bar.set_postfix_str("")
     done = micro + 1
     if metrics["applied"]:
-      update = done // tc.grad_accum
+      update = done // plan.grad_accum
       seconds = time.perf_counter() - t_window
       loss = float(np.mean([m["loss"] for m in window]))
       tokens = float(np.sum([m["target_tokens"] for m in window]))
@@ -242,14 +320,14 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
       window, t_window = [], time.perf_counter()
     if ckpt.should_save(done) or done == total_micro:
       ckpt.save(done, state, {"fingerprint": fp, "micro_step": done, "updates":
-                              done // tc.grad_accum, "examples_seen": done * tc.batch_size})
+                              done // plan.grad_accum, "examples_seen": done * plan.per_call})
       if done == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
   bar.close()
   ckpt.close()
   png = None
-  if jax.process_index() == 0 and os.path.exists(metrics_log.path):
-    png = plot_loss_curve(metrics_log.path, os.path.join(workdir, "loss.png"),
+  if multihost.is_main() and paths.as_path(metrics_log.path).exists():
+    png = plot_loss_curve(metrics_log.path, str(paths.as_path(workdir) / "loss.png"),
                           also=("probe_loss",))
   return TrainResult(params=jax.device_get(state.params), updates=total_updates,
                      micro_steps=total_micro, excluded_eval_ids=excluded,

@@ -38,14 +38,16 @@ FLAGS = flags.FLAGS
 
 def expected_errors() -> tuple[type[BaseException], ...]:
   """Exception types that mean bad input (imported lazily: launchers start fast)."""
-  from diffmas_jax import checkpoint, config, data, params
+  from diffmas_jax import checkpoint, config, data, params, sharding
+  from launch.runtime import MultihostConfigError
   from diffmas_jax.io.safetensors_io import CheckpointFileError
   from diffmas_jax.loading import ModelNotFoundError
   from diffmas_jax.tasks.records import TaskDataError
   from diffmas_jax.trainer import NonFiniteLossError
   return (InputError, ModelNotFoundError, CheckpointFileError, config.UnsupportedConfigError,
           params.CheckpointMismatchError, checkpoint.CheckpointMismatchError, data.TrainDataError,
-          TaskDataError, NonFiniteLossError, FileExistsError)
+          TaskDataError, NonFiniteLossError, FileExistsError, sharding.ShardingError,
+          MultihostConfigError)
 
 
 def run(main: Callable[[list[str]], Any]) -> None:

@@ -15,11 +15,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from launch import cli
+from launch import runtime  # defines --multihost, --coordinator_address, ...
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/eval_*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "", "Run directory (default runs/eval_<task>).")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (pods, SLURM).")
 flags.DEFINE_string("c2c_fuser", "", "A trained C2C fuser (<train workdir>/c2c_fuser.safetensors) "
                     "for the method 'c2c'.")
 flags.mark_flags_as_required(["config"])
@@ -30,6 +30,9 @@ def main(argv):
   del argv
   from diffmas_jax.loading import check_source, load_model
   from diffmas_jax.model import per_layer
+  import jax
+
+  from diffmas_jax import paths
   from launch.runtime import init_runtime, make_workdir
 
   cfg = FLAGS.config
@@ -51,9 +54,9 @@ def main(argv):
     trained = c2c.load_fuser(FLAGS.c2c_fuser, model.cfg)
   out = evaluate(model, records, list(cfg.eval.methods), cfg.eval, cfg.agents, workdir,
                  lora=trained)
-  with open(out["summary_md"]) as f:
-    print(f.read())
-  print(f"per-sample results: {workdir}/results.jsonl; chart: {out['summary_png']}")
+  if jax.process_index() == 0:
+    print(paths.as_path(out["summary_md"]).read_text())
+    print(f"per-sample results: {workdir}/results.jsonl; chart: {out['summary_png']}")
 
 
 if __name__ == "__main__":

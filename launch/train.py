@@ -17,11 +17,11 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from launch import cli
+from launch import runtime  # defines --multihost, --coordinator_address, ...
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/gpqa.py, ...).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "", "Run directory (default runs/train_<data>_<grad_mode>).")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (pods, SLURM).")
 flags.DEFINE_bool("skip_eval", False, "Train and export only.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
@@ -35,6 +35,7 @@ def main(argv):
   from diffmas_jax.evaluation import evaluate
   from diffmas_jax.loading import check_source, load_model
   from diffmas_jax.trainer import run_training, training_examples
+  from diffmas_jax import paths
   from launch.runtime import init_runtime, make_workdir, mesh_from_config
 
   logging.set_verbosity(logging.WARNING)
@@ -65,17 +66,17 @@ def main(argv):
     adapters = train_lib.adapters_for(result.params, cfg.train.grad_mode)
   if jax.process_index() == 0 and cfg.train.method != "c2c":
     from diffmas_jax import peft_io
-    peft_io.save_trained_adapters(f"{workdir}/adapter", model.cfg, adapters,
-                                  [r.strip() for r in _roles(cfg)], alpha=cfg.lora.alpha,
-                                  dropout=cfg.lora.dropout, base_model=cfg.model.source)
+    with paths.local_dir_for(f"{workdir}/adapter") as adapter_dir:
+      peft_io.save_trained_adapters(adapter_dir, model.cfg, adapters,
+                                    [r.strip() for r in _roles(cfg)], alpha=cfg.lora.alpha,
+                                    dropout=cfg.lora.dropout, base_model=cfg.model.source)
     print(f"adapters: {workdir}/adapter (PEFT); metrics: {result.metrics_path}; "
           f"loss curve: {result.loss_png}")
   if not methods:
     return
   out = evaluate(model, records, methods, cfg.eval, cfg.agents, workdir, lora=adapters)
   if jax.process_index() == 0:
-    with open(out["summary_md"]) as f:
-      print(f.read())
+    print(paths.as_path(out["summary_md"]).read_text())
     print(f"per-sample results: {workdir}/results.jsonl; chart: {out['summary_png']}")
 
 

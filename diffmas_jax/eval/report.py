@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from typing import Any, Sequence
 
+from diffmas_jax import paths
 from diffmas_jax.eval.stats import stats_by_method
 
 SUMMARY_MD, SUMMARY_JSON, ACCURACY_PNG = "summary.md", "summary.json", "accuracy.png"
@@ -34,14 +35,15 @@ def write_summary(records: Sequence[dict], workdir: str, title: str, notes: Sequ
     raise ValueError(f"no records to summarise for {title!r}; run the evaluation first "
                      "(python -m launch.eval) or check that its methods/limit select samples")
   stats = stats_by_method(records, n_resamples=n_resamples, level=0.95, seed=seed)
-  os.makedirs(workdir, exist_ok=True)
+  directory = paths.as_path(workdir)  # a local path or a URL (gs://...)
+  directory.mkdir(parents=True, exist_ok=True)
   bootstrap = {"level": 0.95, "n_resamples": n_resamples, "seed": seed, "over": "items"}
-  md_path = os.path.join(workdir, SUMMARY_MD)
+  md_path = str(directory / SUMMARY_MD)
   _write_atomic(md_path, _markdown(stats, title, notes, bootstrap))
-  _write_atomic(os.path.join(workdir, SUMMARY_JSON), json.dumps(
+  _write_atomic(str(directory / SUMMARY_JSON), json.dumps(
       _finite({"title": title, "notes": list(notes), "bootstrap": bootstrap, "methods": stats}),
       indent=1) + "\n")
-  png_path = os.path.join(workdir, ACCURACY_PNG)
+  png_path = str(directory / ACCURACY_PNG)
   accuracy_chart(stats, title, png_path)
   return md_path, png_path
 
@@ -108,8 +110,9 @@ def accuracy_chart(stats: dict[str, dict], title: str, png_path: str) -> str:
   ax.set_title(title, fontsize=10)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(f"{png_path}.tmp", format="png")
-  os.replace(f"{png_path}.tmp", png_path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  paths.write_atomic(png_path, buf.getvalue())
   return png_path
 
 
@@ -134,7 +137,4 @@ def _finite(obj: Any) -> Any:
 
 def _write_atomic(path: str, text: str) -> None:
   """Writes via a temp file + rename, so a kill never leaves a half-written report."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  paths.write_atomic(path, text)

@@ -10,7 +10,8 @@ method, task, id, question, gold, prediction, raw_output, correct, output_tokens
 trace_len_per_agent (list, one length per upstream agent), seconds, answer_nll (sum
 of the generated answer's token NLL), answer_tokens, sample_index, seed, and
 optionally mean_token_entropy. Only `method`, `id` and `correct` are required
-here; the statistics skip fields a record does not carry.
+here; the statistics skip fields a record does not carry. The path may be a URL
+(gs://...): it goes through `diffmas_jax.paths` (etils epath).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import logging
 import os
 from typing import Any, Iterable
+
+from diffmas_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +51,13 @@ class ResultStore:
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
-    if os.path.isdir(self.path):
+    file = paths.as_path(self.path)
+    if file.is_dir():
       raise IsADirectoryError(f"results path {self.path!r} is a directory; pass the JSONL file "
                               "path, e.g. <workdir>/results.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    file.parent.mkdir(parents=True, exist_ok=True)
     self._by_key: dict[SampleKey, dict] = {}
-    if os.path.exists(self.path):
+    if file.exists():
       self._load()
 
   @property
@@ -70,6 +74,20 @@ class ResultStore:
     Raises:
       ValueError: a required key is missing, or a value is not JSON-serialisable.
     """
+    self.extend([record])
+
+  def extend(self, records: Iterable[dict]) -> None:
+    """Appends several records in one write (one rewrite for a remote file)."""
+    lines = [self._line(r) for r in records]
+    if not lines:
+      return
+    paths.append_text(self.path, "".join(lines), fsync=True)
+    for line in lines:
+      parsed = json.loads(line)  # store what a reload would see (numpy -> python)
+      self._by_key.pop(sample_key(parsed), None)
+      self._by_key[sample_key(parsed)] = parsed
+
+  def _line(self, record: dict) -> str:
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
       raise ValueError(f"result record lacks {missing}; every record needs {list(REQUIRED_KEYS)} "
@@ -79,22 +97,10 @@ class ResultStore:
     except TypeError as e:
       raise ValueError(f"result record for {sample_key(record)} is not JSON-serialisable: {e}; "
                        "convert that field to a str, number or list first") from e
-    # One write() of the whole line in append mode, so lines never interleave partially.
-    with open(self.path, "ab") as f:
-      f.write(line.encode("utf-8"))
-      f.flush()
-      os.fsync(f.fileno())
-    parsed = json.loads(line)  # store what a reload would see (numpy -> python)
-    self._by_key.pop(sample_key(parsed), None)
-    self._by_key[sample_key(parsed)] = parsed
-
-  def extend(self, records: Iterable[dict]) -> None:
-    for record in records:
-      self.append(record)
+    return line
 
   def _load(self) -> None:
-    with open(self.path, "rb") as f:
-      data = f.read()
+    data = paths.as_path(self.path).read_bytes()
     lines = data.splitlines(keepends=True)
     good_end, duplicates = 0, 0
     for number, line in enumerate(lines, start=1):
@@ -123,12 +129,10 @@ class ResultStore:
       log.warning("%s: %d sample(s) appear more than once; keeping the last of each",
                   self.path, duplicates)
     if good_end < len(data):
-      with open(self.path, "r+b") as f:
-        f.truncate(good_end)
+      paths.write_atomic(self.path, data[:good_end])
     elif data and not data.endswith(b"\n"):
       # A complete record whose newline was lost: terminate it so appends start a new line.
-      with open(self.path, "ab") as f:
-        f.write(b"\n")
+      paths.append_text(self.path, "\n")
 
 
 def _to_json(x: Any) -> Any:
