@@ -98,7 +98,7 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
       if (first == 0 or todo[first + me - procs][0] != name) and progress:
         # A method's first batch compiles (or loads from the compile cache).
         bar.set_postfix_str("compiling ...", refresh=True)
-      rows = _run_batch(runs[name], name, pending, sample, chunk_index, eval_cfg)
+      rows = _run_batch(runs[name], name, pending, sample, chunk_index, eval_cfg, batch_size)
       bar.set_postfix_str("")
     if procs > 1:  # every process takes part in the exchange, with or without work
       rows = [r for b in multihost.allgather_bytes(json.dumps(rows).encode())
@@ -132,10 +132,9 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
 
 
 def _run_batch(run: tuple[Method, RunContext], name: str, pending: list[Record], sample: int,
-               chunk_index: int, eval_cfg: Any) -> list[dict]:
+               chunk_index: int, eval_cfg: Any, batch_size: int) -> list[dict]:
   """Runs one fixed-size batch (padded with its last record) and scores it."""
   fn, ctx = run
-  batch_size = int(eval_cfg.batch_size)
   batch = list(pending) + [pending[-1]] * (batch_size - len(pending))
   seed = int(eval_cfg.seed) + 1000 * sample + chunk_index
   t0 = time.perf_counter()
