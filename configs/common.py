@@ -82,7 +82,7 @@ def eval_config() -> mlc.ConfigDict:
       seed=0,
       # Code tasks: SandboxConfig fields, e.g. {"timeout_s": 10, "memory_mb": 1024}.
       # isolation="bwrap" refuses to run code where user namespaces are unavailable;
-      # "process" accepts the weaker in-process guard (docs/readme/sandbox.md).
+      # "process" accepts the weaker in-process guard (docs/sandbox.md).
       sandbox=dict(isolation="bwrap"),
   ))
 

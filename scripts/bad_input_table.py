@@ -1,5 +1,5 @@
 """Runs every launcher on bad inputs and prints a markdown table: input, exit code,
-seconds to fail, message (docs/readme/errors_and_cache.md).
+seconds to fail, message (docs/errors_and_cache.md).
 
   python scripts/bad_input_table.py
 """

@@ -17,7 +17,7 @@ and a forward-mode (JVP) sensitivity: ||d logits|| of the solver's target
 logits per unit-norm random perturbation of each block.
 
 Every function is pure in (params, weights, batch): no global state, usable
-from a notebook (see docs/readme/research.md). Sequential topology only.
+from a notebook (see docs/research.md). Sequential topology only.
 """
 
 from __future__ import annotations
