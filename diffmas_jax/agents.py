@@ -92,10 +92,6 @@ def latent_steps(weights: Weights, cfg: ModelConfig, cache: KVCache, h: jax.Arra
   """
   if steps == 0:
     return cache, h
-  # Single-token steps are matrix-vector work: on per-layer buffers they read each
-  # weight once instead of copying it out of the stack first (model.per_layer).
-  # Under jit with stacked weights this splits them once per call, not per step.
-  weights = model_lib.per_layer(weights)
   take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, cache.end, steps, axis=axis)
   work = KVCache(k=take(cache.k, 3), v=take(cache.v, 3), pos=take(cache.pos, 1),
                  end=jnp.zeros((), jnp.int32))  # the (empty) slots the steps will fill
