@@ -353,7 +353,8 @@ def test_refusal_where_user_namespaces_are_really_disabled():
              "weak = sandbox.run_code('print(7)', config={'isolation': 'process'})\n"
              "print('WEAK', weak.stdout_tail)")
   jail = [sandbox_bwrap.bwrap_binary(), "--unshare-user", "--disable-userns", "--ro-bind", "/",
-          "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--chdir", repo]
+          "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+          "--ro-bind", repo, repo, "--chdir", repo]  # the checkout may itself live under /tmp
   out = subprocess.run(jail + [sys.executable, "-c", program],
                        capture_output=True, text=True, timeout=120)
   assert "REFUSED code sandbox: bubblewrap cannot isolate programs" in out.stdout, out
