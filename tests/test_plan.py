@@ -123,7 +123,6 @@ def _step(mesh, mode="shared", batch_size=8):
     step = train.make_train_step(opt, sched, train.StepConfig(CFG, spec, mode, remat=False))
     out = step(state, WEIGHTS, KVCache.init(CFG, batch_size, capacity), batch.as_jax(), REALIGNER)
     return jax.device_get(out)
-  from diffmas_jax.trainer import _global
   rep = NamedSharding(mesh, P())
   w_sh = sh.weight_shardings(CFG, mesh)
   cache_sh = sh.cache_shardings(KVCache.init(CFG, batch_size, 1), mesh)
@@ -133,7 +132,7 @@ def _step(mesh, mode="shared", batch_size=8):
       state=jax.tree.map(lambda _: rep, state), weights=w_sh, cache=cache_sh, batch=b_sh,
       realigner=rep, replicated=rep))
   cache = jax.jit(lambda: KVCache.init(CFG, batch_size, capacity), out_shardings=cache_sh)()
-  out = step(jax.device_put(state, rep), sh.shard(WEIGHTS, w_sh), cache, _global(batch, b_sh),
+  out = step(jax.device_put(state, rep), sh.shard(WEIGHTS, w_sh), cache, jax.device_put(batch, b_sh),
              jax.device_put(REALIGNER, rep))
   return jax.device_get(out)
 

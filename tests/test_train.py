@@ -129,7 +129,7 @@ def _run_steps(mode, enc, spec, steps, tc, mesh=None, batch_size=4):
   else:
     from jax.sharding import NamedSharding, PartitionSpec as P
     from diffmas_jax import sharding
-    from diffmas_jax.trainer import _batch_shardings, _global
+    from diffmas_jax.trainer import _batch_shardings
     rep = NamedSharding(mesh, P())
     w_sh = sharding.weight_shardings(CFG, mesh)
     cache_sh = sharding.cache_shardings(KVCache.init(CFG, batch_size, 1), mesh)
@@ -139,7 +139,7 @@ def _run_steps(mode, enc, spec, steps, tc, mesh=None, batch_size=4):
         state=jax.tree.map(lambda _: rep, state), weights=w_sh, cache=cache_sh, batch=b_sh,
         realigner=rep, replicated=rep))
     weights, realigner = sharding.shard(WEIGHTS, w_sh), jax.device_put(REALIGNER, rep)
-    jb = _global(batch, b_sh)
+    jb = jax.device_put(batch, b_sh)
     make_cache = jax.jit(lambda: KVCache.init(CFG, batch_size, capacity), out_shardings=cache_sh)
   losses = []
   for _ in range(steps):
