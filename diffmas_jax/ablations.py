@@ -21,13 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from diffmas_jax import c2c, lora as lora_lib, model as model_lib, topology
+from diffmas_jax import c2c, lora as lora_lib, model as model_lib, multihost, paths, topology
 from diffmas_jax import train as train_lib
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache
@@ -120,18 +119,18 @@ def textmas_notes(model: Any, examples: Sequence[Any], agents_cfg: Any, eval_cfg
   """[(role, text)] per example: the upstream agents' TextMAS outputs (frozen model).
 
   Decoded like the text_mas method at evaluation (same roles, prompts, sampling
-  and `agents.agent_max_new_tokens`). With `cache_path` (a JSONL in the workdir)
-  the notes are written once and read back on resume, so a resumed run trains on
-  exactly the same inputs.
+  and `agents.agent_max_new_tokens`). With `cache_path` (a JSONL in the workdir,
+  local or a URL) the notes are written once, by process 0, and read back on
+  resume, so a resumed run trains on exactly the same inputs. Process 0 reads the
+  file and sends its rows to the others: every process decodes (a collective
+  computation) or none does, even when only process 0 can see the workdir.
   """
   from diffmas_jax.data import as_record
   from diffmas_jax.methods import RunContext, text_mas
-  if cache_path and os.path.exists(cache_path):
-    with open(cache_path) as f:
-      rows = [json.loads(line) for line in f]
-    by_id = {r["id"]: [tuple(n) for n in r["notes"]] for r in rows}
-    if all(ex.id in by_id for ex in examples):
-      return [by_id[ex.id] for ex in examples]
+  cached = _read_notes(cache_path, examples) if cache_path and multihost.is_main() else None
+  cached = json.loads(multihost.broadcast_bytes(json.dumps(cached).encode(), "textmas_notes"))
+  if cached is not None:
+    return [[tuple(n) for n in notes] for notes in cached]
   ctx = RunContext.from_config(model, agents_cfg, eval_cfg).replace(max_new_tokens=1)
   size = int(eval_cfg.batch_size)
   records = [as_record(ex) for ex in examples]
@@ -141,13 +140,20 @@ def textmas_notes(model: Any, examples: Sequence[Any], agents_cfg: Any, eval_cfg
     outs = text_mas.run(ctx, chunk + [chunk[-1]] * (size - len(chunk)), seed=int(eval_cfg.seed))
     notes += [list(zip([r.name for r in ctx.roles], o.agent_texts)) for o in outs[:len(chunk)]]
     log.info("textmas notes: %d / %d examples", len(notes), len(records))
-  if cache_path and jax.process_index() == 0:
-    tmp = f"{cache_path}.tmp"
-    with open(tmp, "w") as f:
-      for ex, n in zip(examples, notes):
-        f.write(json.dumps({"id": ex.id, "notes": n}) + "\n")
-    os.replace(tmp, cache_path)
+  if cache_path and multihost.is_main():
+    paths.write_atomic(cache_path, "".join(json.dumps({"id": ex.id, "notes": n}) + "\n"
+                                           for ex, n in zip(examples, notes)))
   return notes
+
+
+def _read_notes(path: str, examples: Sequence[Any]) -> list | None:
+  """The cached notes of `examples` in order, or None when the file misses any."""
+  p = paths.as_path(path)
+  if not p.exists():
+    return None
+  rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+  by_id = {r["id"]: r["notes"] for r in rows}
+  return [by_id[ex.id] for ex in examples] if all(ex.id in by_id for ex in examples) else None
 
 
 def fingerprint_extra(cfg: Any) -> dict:

@@ -36,14 +36,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffmas_jax import agents, layers, model as model_lib, sampling, topology
+from diffmas_jax import agents, layers, model as model_lib, multihost, paths, sampling, topology
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache, grow
 from diffmas_jax.methods.latent_mas import PipelineBatch
@@ -202,32 +201,36 @@ def fuse_and_decode(fuser: Fuser, weights: Weights, cfg: ModelConfig, cache: KVC
 # --- export: one safetensors file (the orbax training checkpoint holds the same tree) ---
 
 def save_fuser(path: str, fuser: Fuser, fc: FuserConfig, base_model: str = "") -> str:
-  """Writes `path` (safetensors: k.w_in, ..., v.gate) with the config in its metadata."""
-  from safetensors.numpy import save_file
-  tensors = {f"{half}.{name}": np.asarray(jax.device_get(fuser[half][name]))
-             for half in ("k", "v") for name in _LEAVES}
-  meta = {"format": "diffmas-jax c2c fuser", "base_model": base_model,
-          "config": json.dumps(dataclasses.asdict(fc))}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  save_file(tensors, tmp, metadata=meta)
-  os.replace(tmp, path)
+  """Writes `path` (safetensors: k.w_in, ..., v.gate) with the config in its metadata.
+
+  `path` may be a URL (gs://...). Call it on every process: process 0 writes, and
+  all wait until the file is whole, so any process that sees the path can read it.
+  """
+  from safetensors.numpy import save
+  if multihost.is_main():
+    tensors = {f"{half}.{name}": np.asarray(jax.device_get(fuser[half][name]))
+               for half in ("k", "v") for name in _LEAVES}
+    meta = {"format": "diffmas-jax c2c fuser", "base_model": base_model,
+            "config": json.dumps(dataclasses.asdict(fc))}
+    paths.write_atomic(path, save(tensors, metadata=meta))
+  multihost.barrier("c2c_fuser_saved")
   return path
 
 
 def load_fuser(path: str, cfg: ModelConfig | None = None) -> Fuser:
-  """Reads a `save_fuser` file; with `cfg`, checks it was made for that model's shapes."""
-  from safetensors import safe_open
-  if not os.path.isfile(path):
+  """Reads a `save_fuser` file (local or a URL); with `cfg`, checks it was made for
+  that model's shapes."""
+  from safetensors.numpy import load
+  p = paths.as_path(path)
+  if not p.is_file():
     raise FileNotFoundError(f"no C2C fuser at {path}; train one with "
                             "`python -m launch.train --config=configs/gpqa.py:quickstart,c2c`")
-  with safe_open(path, framework="numpy") as f:
-    names = set(f.keys())
-    want = {f"{h}.{n}" for h in ("k", "v") for n in _LEAVES}
-    if names != want:
-      raise ValueError(f"{path} is not a C2C fuser: tensors {sorted(names ^ want)} missing or "
-                       "unexpected")
-    fuser = {h: {n: jnp.asarray(f.get_tensor(f"{h}.{n}")) for n in _LEAVES} for h in ("k", "v")}
+  tensors = load(p.read_bytes())
+  want = {f"{h}.{n}" for h in ("k", "v") for n in _LEAVES}
+  if set(tensors) != want:
+    raise ValueError(f"{path} is not a C2C fuser: tensors {sorted(set(tensors) ^ want)} missing "
+                     "or unexpected")
+  fuser = {h: {n: jnp.asarray(tensors[f"{h}.{n}"]) for n in _LEAVES} for h in ("k", "v")}
   if cfg is not None:
     kd = cfg.num_kv_heads * cfg.head_dim
     shape = fuser["k"]["w_proj"].shape

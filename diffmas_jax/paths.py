@@ -45,9 +45,11 @@ def append_text(path: PathLike, text: str, fsync: bool = False) -> None:
 
 
 def write_atomic(path: PathLike, data: bytes | str) -> None:
-  """Writes a whole file so readers never see half of it (temp file + rename)."""
+  """Writes a whole file so readers never see half of it (temp file + rename); creates
+  its directory when missing."""
   data = data.encode("utf-8") if isinstance(data, str) else data
   p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.parent / f"{p.name}.tmp"
   tmp.write_bytes(data)
   tmp.replace(p)

@@ -203,7 +203,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   notes = None
   if method == "textmas_sft":  # the upstream agents' text, decoded once by the frozen model
     notes = ablations.textmas_notes(model, examples, cfg.agents, cfg.eval,
-                                    os.path.join(workdir, "textmas_notes.jsonl"))
+                                    f"{workdir}/textmas_notes.jsonl")
   encoded = data.encode_examples(
       model.tokenizer, examples, roles, max_prompt_tokens=tc.max_prompt_tokens,
       max_target_tokens=tc.max_target_tokens, on_overlong=tc.on_overlong,

@@ -85,10 +85,10 @@ def _export_c2c(cfg, model, result, workdir):
   import jax
 
   from diffmas_jax import c2c
-  path = f"{workdir}/c2c_fuser.safetensors"
+  path = c2c.save_fuser(f"{workdir}/c2c_fuser.safetensors", result.params,
+                        c2c.FuserConfig.from_config(cfg.c2c, result.micro_steps),
+                        base_model=cfg.model.source)
   if jax.process_index() == 0:
-    c2c.save_fuser(path, result.params, c2c.FuserConfig.from_config(cfg.c2c, result.micro_steps),
-                   base_model=cfg.model.source)
     print(f"C2C fuser: {path}; metrics: {result.metrics_path}; loss curve: {result.loss_png}")
   return c2c.load_fuser(path, model.cfg) if jax.process_count() == 1 else result.params
 

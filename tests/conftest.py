@@ -59,3 +59,20 @@ def family_model(request):
 @pytest.fixture(scope="session")
 def rng():
   return np.random.RandomState(0)
+
+
+@pytest.fixture
+def fake_gcs(tmp_path):
+  """gs://bucket/... served from tmp_path/gcs through epath's own test backend."""
+  from etils.epath import testing
+
+  def local(p):
+    p = os.fspath(p)
+    return str(tmp_path / "gcs" / p[len("gs://"):]) if p.startswith("gs://") else p
+
+  one = lambda orig, p, *a, **k: orig(local(p), *a, **k)
+  two = lambda orig, p, dst, *a, **k: orig(local(p), local(dst), *a, **k)
+  with testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
+                          remove=one, rmtree=one, stat=one, glob=one, rename=two, replace=two,
+                          copy=two):
+    yield tmp_path / "gcs"

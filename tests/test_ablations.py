@@ -120,9 +120,16 @@ def test_stitchmas_trains_through_the_stitched_trace():
   assert losses[-1] < 0.1 * losses[0], losses[::8]
 
 
-def test_fuser_export_round_trips_and_checks_shapes(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_fuser_export_round_trips_and_checks_shapes(where, tmp_path, request, monkeypatch):
+  root = "gs://bucket/run" if where == "gs" else str(tmp_path)
+  gcs = request.getfixturevalue("fake_gcs") if where == "gs" else None
+  monkeypatch.chdir(tmp_path)  # a URL taken for a local path would appear here
   fuser = _random_fuser(gate=2.0)
-  path = c2c.save_fuser(str(tmp_path / "c2c_fuser.safetensors"), fuser, FC, base_model="tiny")
+  path = c2c.save_fuser(f"{root}/c2c_fuser.safetensors", fuser, FC, base_model="tiny")
+  assert path == f"{root}/c2c_fuser.safetensors" and not (tmp_path / "gs:").exists()
+  if gcs is not None:
+    assert (gcs / "bucket/run/c2c_fuser.safetensors").is_file()
   back = c2c.load_fuser(path, CFG)
   for a, b in zip(jax.tree.leaves(fuser), jax.tree.leaves(back)):
     np.testing.assert_array_equal(a, b)
@@ -130,7 +137,41 @@ def test_fuser_export_round_trips_and_checks_shapes(tmp_path):
   with pytest.raises(ValueError, match="layers"):
     c2c.load_fuser(path, other)
   with pytest.raises(FileNotFoundError, match="train one"):
-    c2c.load_fuser(str(tmp_path / "missing.safetensors"))
+    c2c.load_fuser(f"{root}/missing.safetensors")
+
+
+def test_only_process_zero_writes_the_fuser(tmp_path, monkeypatch):
+  from diffmas_jax import multihost
+  waited = []
+  monkeypatch.setattr(multihost, "is_main", lambda: False)
+  monkeypatch.setattr(multihost, "barrier", waited.append)
+  path = c2c.save_fuser(str(tmp_path / "f.safetensors"), _random_fuser(gate=2.0), FC)
+  assert not (tmp_path / "f.safetensors").exists() and waited == ["c2c_fuser_saved"]
+  assert path == str(tmp_path / "f.safetensors")
+
+
+def test_textmas_notes_are_written_once_and_read_back_from_a_url(fake_gcs, monkeypatch):
+  from types import SimpleNamespace
+
+  from diffmas_jax.methods import RunContext, text_mas
+  calls = []
+
+  def decode(ctx, records, seed):  # the frozen model's TextMAS decode, stubbed
+    calls.append(len(records))
+    return [SimpleNamespace(agent_texts=[f"{r.id}: plan", f"{r.id}: critique"]) for r in records]
+
+  ctx = SimpleNamespace(roles=[AgentRole("planner"), AgentRole("critic")],
+                        replace=lambda **kw: ctx)
+  monkeypatch.setattr(text_mas, "run", decode)
+  monkeypatch.setattr(RunContext, "from_config", lambda *args: ctx)
+  eval_cfg, path = SimpleNamespace(batch_size=2, seed=0), "gs://bucket/run/textmas_notes.jsonl"
+  notes = ablations.textmas_notes(None, _examples(3), None, eval_cfg, path)
+  assert calls == [2, 2] and (fake_gcs / "bucket/run/textmas_notes.jsonl").exists()
+  assert notes[1] == [("planner", "1: plan"), ("critic", "1: critique")]
+  assert ablations.textmas_notes(None, _examples(3), None, eval_cfg, path) == notes
+  assert calls == [2, 2]  # read back, not decoded again
+  ablations.textmas_notes(None, _examples(4), None, eval_cfg, path)  # one the file lacks
+  assert calls == [2, 2, 2, 2]
 
 
 def test_method_and_variant_errors_are_clear():

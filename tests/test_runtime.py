@@ -57,23 +57,6 @@ def test_batch_plan_refuses_an_impossible_split_naming_valid_sizes():
     data.plan_batches(1, 64, 128)
 
 
-@pytest.fixture
-def fake_gcs(tmp_path):
-  """gs://bucket/... served from tmp_path/gcs through epath's own test backend."""
-  from etils.epath import testing
-
-  def local(p):
-    p = os.fspath(p)
-    return str(tmp_path / "gcs" / p[len("gs://"):]) if p.startswith("gs://") else p
-
-  one = lambda orig, p, *a, **k: orig(local(p), *a, **k)
-  two = lambda orig, p, dst, *a, **k: orig(local(p), local(dst), *a, **k)
-  with testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
-                          remove=one, rmtree=one, stat=one, glob=one, rename=two, replace=two,
-                          copy=two):
-    yield tmp_path / "gcs"
-
-
 def test_remote_workdir_stays_a_url_and_goes_through_epath(fake_gcs, tmp_path, monkeypatch):
   from diffmas_jax import checkpoint, paths
   from diffmas_jax.eval import ResultStore, write_summary
