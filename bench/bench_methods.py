@@ -89,9 +89,10 @@ def run(hf_dir: str = "", runs: int = 1) -> dict:
   import jax
   import numpy as np
   from diffmas_jax import agents
-  from diffmas_jax.loading import load_model
+  from diffmas_jax.loading import EMBEDDED
+  from launch import cli
 
-  m = load_model(hf_dir) if hf_dir else load_model()
+  m = cli.load_reported(hf_dir or EMBEDDED)
   realigner = agents.make_realigner(m.weights)
   steps = _steps(m)
   states, times, first = {}, {k: [] for k in steps}, {}

@@ -13,6 +13,8 @@
   diffmas_jax/compile_cache.py), so a second run skips compilation.
 - `check_all` runs independent checks and reports every failure at once;
   `check_writable_dir` probes a workdir before any work.
+- Config-driven launchers (train, eval, probe, relay) declare their flags with
+  `define_run_flags`, begin with `start_run` and load with `load_config_model`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import tempfile
 import traceback
 from typing import Any, Callable
 
-from absl import app, flags
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from diffmas_jax import compile_cache
 from diffmas_jax.errors import InputError, InputErrors, message
@@ -165,3 +168,60 @@ def check_eval_config(eval_cfg: Any, agents_cfg: Any) -> None:
                                    trace_cut=agents_cfg.get("trace_cut", "hide")),
             lambda: as_input_error(agents.realign_row_count,
                                    agents_cfg.get("realign_rows", "tokenizer"), 1, 1))
+
+
+# --- what the config-driven launchers share ---
+
+def define_run_flags(config_help: str, default_workdir: str) -> None:
+  """--config (an ml_collections file, locked: a misspelt key fails) and --workdir."""
+  config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+  flags.DEFINE_string("workdir", "", f"Run directory (default {default_workdir}).")
+  flags.mark_flags_as_required(["config"])
+
+
+def start_run(default_name: str, *checks: Callable[[], Any], multihost: bool = False
+              ) -> tuple[str, list[Any]]:
+  """A launcher's start, before any long work; returns (workdir, the checks' results).
+
+  Quiet absl logging; the workdir's writability, the model source and `checks`,
+  every failure reported at once (`check_all`); then, with `multihost` (launchers
+  that import launch.runtime), the multi-process runtime; then the workdir
+  (runs/<default_name> unless --workdir or the config's workdir names one).
+  """
+  from diffmas_jax.loading import check_source
+  from launch import runtime
+
+  logging.set_verbosity(logging.WARNING)
+  cfg = FLAGS.config
+  workdir = FLAGS.workdir or cfg.workdir
+  results = check_all(lambda: check_writable_dir(workdir or f"runs/{default_name}"),
+                      lambda: check_source(cfg.model.source), *checks)[2:]
+  if multihost:
+    runtime.init_runtime(FLAGS.multihost)
+  return runtime.make_workdir(workdir, default_name), results
+
+
+def load_config_model(model_cfg: Any, mesh: Any = None) -> Any:
+  """The model of a config's `model` section (source, dtype, remat), optionally onto `mesh`."""
+  return load_reported(model_cfg.source, dtype=model_cfg.dtype, remat=model_cfg.remat, mesh=mesh)
+
+
+def load_reported(source: str, inference: bool = False, **kwargs: Any) -> Any:
+  """loading.load_model(source, **kwargs), timed; process 0 prints one line about it.
+
+  `inference`: keep only the per-layer inference layout (model.per_layer), built once.
+  """
+  import time
+
+  import jax
+
+  from diffmas_jax.loading import load_model
+  from diffmas_jax.model import per_layer
+  t0 = time.time()
+  m = load_model(source, **kwargs)
+  if inference:
+    m.weights = per_layer(m.weights)
+  if jax.process_index() == 0:
+    print(f"loaded {source} ({m.cfg.family}, {m.cfg.num_layers} layers) in "
+          f"{time.time() - t0:.1f}s", flush=True)
+  return m

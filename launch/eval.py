@@ -12,39 +12,30 @@ samples), summary.md, summary.json, accuracy.png and run_config.json.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from launch import cli
 from launch import runtime  # defines --multihost, --coordinator_address, ...
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/eval_*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", "", "Run directory (default runs/eval_<task>).")
+cli.define_run_flags("Config file (configs/eval_*.py).", "runs/eval_<task>")
 flags.DEFINE_string("c2c_fuser", "", "A trained C2C fuser (<train workdir>/c2c_fuser.safetensors) "
                     "for the method 'c2c'.")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  from diffmas_jax.loading import check_source, load_model
+  from diffmas_jax.loading import load_model
   from diffmas_jax.model import per_layer
   import jax
 
   from diffmas_jax import paths
-  from launch.runtime import init_runtime, make_workdir
 
   cfg = FLAGS.config
   # Everything checkable without weights, before any long work; every failure reported.
-  records = cli.check_all(
-      lambda: cli.check_eval_config(cfg.eval, cfg.agents),
-      lambda: cli.check_writable_dir(FLAGS.workdir or cfg.workdir or f"runs/eval_{cfg.eval.task}"),
-      lambda: check_source(cfg.model.source),
-      lambda: cli.load_records(cfg.eval))[-1]
+  workdir, (_, records) = cli.start_run(
+      f"eval_{cfg.eval.task}", lambda: cli.check_eval_config(cfg.eval, cfg.agents),
+      lambda: cli.load_records(cfg.eval), multihost=True)
   from diffmas_jax.evaluation import evaluate
-  init_runtime(FLAGS.multihost)
-  workdir = make_workdir(FLAGS.workdir or cfg.workdir, f"eval_{cfg.eval.task}")
   model = load_model(cfg.model.source, dtype=cfg.model.dtype)
   # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
   model.weights = per_layer(model.weights)

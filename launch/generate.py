@@ -25,14 +25,10 @@ def main(argv):
   del argv
   from diffmas_jax import sampling
   from diffmas_jax.config import DTYPES
-  from diffmas_jax.loading import check_source, load_model
-  from diffmas_jax.model import per_layer
+  from diffmas_jax.loading import check_source
 
   cli.check_all(lambda: check_source(FLAGS.source), _check_flags(DTYPES))
-  t0 = time.time()
-  m = load_model(FLAGS.source, dtype=FLAGS.dtype)
-  m.weights = per_layer(m.weights)  # inference layout, built once (model.per_layer)
-  print(f"loaded {FLAGS.source} ({m.cfg.family}, {m.cfg.num_layers} layers) in {time.time() - t0:.1f}s")
+  m = cli.load_reported(FLAGS.source, inference=True, dtype=FLAGS.dtype)
   prompts = [m.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in FLAGS.prompt]
   sc = sampling.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                                top_p=FLAGS.top_p, top_k=FLAGS.top_k,

@@ -7,12 +7,11 @@ summary rows with per-hop decay ratios) and probes.png (log-scale norms vs
 depth, one line per mode), and prints the decay table.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-config_flags.DEFINE_config_file("config", None, "configs/probe.py[:tiny|test]", lock_config=True)
-flags.DEFINE_string("workdir", "", "Run directory (default runs/probe).")
-flags.mark_flags_as_required(["config"])
+from launch import cli
+
+cli.define_run_flags("configs/probe.py[:tiny|test]", "runs/probe")
 FLAGS = flags.FLAGS
 
 
@@ -25,19 +24,16 @@ def main(argv):
 
   from diffmas_jax import lora as lora_lib
   from diffmas_jax.config import tiny_config
-  from diffmas_jax.loading import load_model
   from diffmas_jax.params import init_weights
   from diffmas_jax.research import probe_run
   from diffmas_jax.tasks import training_data
-  from launch.runtime import make_workdir
 
-  logging.set_verbosity(logging.WARNING)
   cfg, pc = FLAGS.config, FLAGS.config.probe
-  workdir = make_workdir(FLAGS.workdir or cfg.workdir, "probe")
+  workdir, _ = cli.start_run("probe")
   t0 = time.perf_counter()
   log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
   examples = training_data.math_train(int(pc.num_examples), int(cfg.train.data_seed))
-  model = load_model(cfg.model.source, dtype=cfg.model.dtype)  # tiny reuses its tokenizer
+  model = cli.load_config_model(cfg.model)  # the tiny model reuses its tokenizer
   lora_cfg = lora_lib.LoraConfig.from_config(cfg.lora)
   rows = []
   for name in pc.models:
@@ -60,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,17 +13,13 @@ Rerunning the same command resumes: training continues from the last finished
 checkpoint and evaluation skips finished samples.
 """
 
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 from launch import cli
 from launch import runtime  # defines --multihost, --coordinator_address, ...
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/gpqa.py, ...).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", "", "Run directory (default runs/train_<data>_<grad_mode>).")
+cli.define_run_flags("Config file (configs/gpqa.py, ...).", "runs/train_<data>_<grad_mode>")
 flags.DEFINE_bool("skip_eval", False, "Train and export only.")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
@@ -33,31 +29,25 @@ def main(argv):
 
   from diffmas_jax import train as train_lib
   from diffmas_jax.evaluation import evaluate
-  from diffmas_jax.loading import check_source, load_model
   from diffmas_jax.trainer import run_training, training_examples
   from diffmas_jax import paths
-  from launch.runtime import init_runtime, make_workdir, mesh_from_config
 
-  logging.set_verbosity(logging.WARNING)
   cfg = FLAGS.config
   methods = [] if FLAGS.skip_eval else list(cfg.eval.methods)
-  default_name = f"train_{cfg.train.data}_{cfg.train.grad_mode}"
   # Everything checkable without weights, before any long work; every failure reported.
   excluded = {}
   train_data = lambda: excluded.setdefault("ids", training_examples(cfg.train)[1])
-  records = cli.check_all(
+  workdir, checked = cli.start_run(
+      f"train_{cfg.train.data}_{cfg.train.grad_mode}",
       lambda: cli.as_input_error(train_lib.check_grad_mode, cfg.train.grad_mode),
-      lambda: cli.check_eval_config(cfg.eval, cfg.agents),
-      lambda: cli.check_writable_dir(FLAGS.workdir or cfg.workdir or f"runs/{default_name}"),
-      lambda: check_source(cfg.model.source), train_data,
-      lambda: cli.load_records(cfg.eval, excluded.get("ids", ())) if methods else [])[-1]
-  init_runtime(FLAGS.multihost)
+      lambda: cli.check_eval_config(cfg.eval, cfg.agents), train_data,
+      lambda: cli.load_records(cfg.eval, excluded.get("ids", ())) if methods else [],
+      multihost=True)
+  records = checked[-1]
   from diffmas_jax.plan import model_shapes
-  mesh = mesh_from_config(cfg.mesh, model_shapes(cfg.model.source, cfg.model.dtype))
-  workdir = make_workdir(FLAGS.workdir or cfg.workdir, default_name)
+  mesh = runtime.mesh_from_config(cfg.mesh, model_shapes(cfg.model.source, cfg.model.dtype))
   # Straight into the training shardings: no unsharded copy on any host or device.
-  model = load_model(cfg.model.source, dtype=cfg.model.dtype, remat=cfg.model.remat,
-                     mesh=mesh)
+  model = cli.load_config_model(cfg.model, mesh)
 
   result = run_training(cfg, model, workdir, mesh)
   if cfg.train.method == "c2c":

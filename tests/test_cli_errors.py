@@ -140,3 +140,13 @@ def test_generate_convert_bench_share_the_error_style(tmp_path):
   assert "not a directory" in err and "--dtype=int3" in err and "Traceback" not in err
   err = _launch("launch.bench", "--suites=core,fast", rc=2)
   assert "error: --suites: unknown suite(s) ['fast']" in err
+
+
+@pytest.mark.parametrize("launcher", ["probe", "relay"])
+def test_probe_and_relay_check_workdir_and_model_first(launcher, tmp_path):
+  (tmp_path / "f").write_text("")
+  err = _launch(f"launch.{launcher}", f"--config=configs/{launcher}.py:test",
+                "--config.model.source=./no_such_model", f"--workdir={tmp_path}/f/run", rc=2)
+  lines = err.strip().splitlines()
+  assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), err
+  assert "--workdir" in err and "no_such_model" in err and "Traceback" not in err
