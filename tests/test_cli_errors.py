@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -150,3 +151,17 @@ def test_probe_and_relay_check_workdir_and_model_first(launcher, tmp_path):
   lines = err.strip().splitlines()
   assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), err
   assert "--workdir" in err and "no_such_model" in err and "Traceback" not in err
+
+
+def test_load_reported_prints_one_line_and_keeps_the_inference_layout(tmp_path, capsys):
+  from tests.conftest import make_hf_model
+  from tests.test_loading import save_tiny_tokenizer
+  path = str(tmp_path / "tiny")
+  make_hf_model("qwen3").save_pretrained(path)
+  save_tiny_tokenizer(path)
+  m = cli.load_reported(path, inference=True)
+  assert isinstance(m.weights.layers, tuple) and len(m.weights.layers) == m.cfg.num_layers
+  out = capsys.readouterr().out
+  assert out.startswith(f"loaded {path} (qwen3, 2 layers) in ") and out.count("\n") == 1, out
+  trained = cli.load_config_model(SimpleNamespace(source=path, dtype="float32", remat="full"))
+  assert trained.cfg.remat == "full" and not isinstance(trained.weights.layers, tuple)
