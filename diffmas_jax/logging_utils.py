@@ -14,7 +14,6 @@ files go through `diffmas_jax.paths` (etils epath).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -144,9 +143,7 @@ def plot_loss_curve(metrics_jsonl: str, png_path: str, key: str = "loss",
   ax.set_title(f"training {key}", fontsize=10)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png")
-  paths.write_atomic(png_path, buf.getvalue())
+  paths.write_png(png_path, fig)
   return png_path
 
 

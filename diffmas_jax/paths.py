@@ -10,6 +10,8 @@ update or per sample) and appends with fsync locally.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import tempfile
 from typing import Iterator
@@ -33,6 +35,7 @@ def append_text(path: PathLike, text: str, fsync: bool = False) -> None:
   """Appends `text` (whole lines) to `path`, creating it when missing."""
   if is_url(path):
     p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)  # a no-op on object stores
     old = p.read_bytes() if p.exists() else b""
     p.write_bytes(old + text.encode("utf-8"))
     return
@@ -53,6 +56,22 @@ def write_atomic(path: PathLike, data: bytes | str) -> None:
   tmp = p.parent / f"{p.name}.tmp"
   tmp.write_bytes(data)
   tmp.replace(p)
+
+
+def write_png(path: PathLike, fig) -> str:
+  """Saves a matplotlib Figure as a PNG at `path` (local or URL), atomically."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  write_atomic(path, buf.getvalue())
+  return os.fspath(path)
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+  """The rows of a JSONL file; [] when it does not exist yet (a fresh run)."""
+  p = epath.Path(path)
+  if not p.exists():
+    return []
+  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ def main(argv):
 
   import jax
 
-  from diffmas_jax import lora as lora_lib
+  from diffmas_jax import lora as lora_lib, multihost
   from diffmas_jax.config import tiny_config
   from diffmas_jax.params import init_weights
   from diffmas_jax.research import probe_run
@@ -49,6 +49,8 @@ def main(argv):
       raise ValueError(f"probe.models entry {name!r}; expected 'embedded' or 'tiny'")
     rows += probe_run.sweep(weights, mcfg, model.tokenizer, examples, pc, lora_cfg, workdir, name,
                             log)
+  if not multihost.is_main():
+    return
   png = probe_run.plot(rows, f"{workdir}/probes.png",
                        f"solver-loss gradient through the trace, m = {pc.latent_steps}")
   print("\n" + probe_run.decay_table(rows))

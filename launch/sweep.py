@@ -17,11 +17,13 @@ with the training figures of the run that produced it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 from absl import app, flags
+
+from diffmas_jax import paths
+from launch import cli
 
 flags.DEFINE_string("config", "", "Task config with its variants, e.g. configs/gpqa.py:quickstart.")
 flags.DEFINE_list("values", ["0", "4", "10", "40"], "Latent steps m to sweep.")
@@ -33,8 +35,8 @@ FLAGS = flags.FLAGS
 
 def training_figures(workdir: str) -> dict:
   """From metrics.jsonl: updates, first/last probe loss, mean seconds per update."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = f"{workdir}/metrics.jsonl"
+  if not paths.as_path(path).exists():
     return {}
   from diffmas_jax.logging_utils import read_metrics
   rows = read_metrics(path)
@@ -49,11 +51,10 @@ def training_figures(workdir: str) -> dict:
 
 
 def run_summaries(workdir: str) -> dict:
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
+  path = paths.as_path(f"{workdir}/summary.json")
+  if not path.exists():
     return {}
-  with open(path) as f:
-    return json.load(f)["methods"]
+  return json.loads(path.read_text())["methods"]
 
 
 def _f(x, spec=".2f"):
@@ -75,7 +76,7 @@ HEADER = ("| {} | n | accuracy % | 95% CI | answer PPL | mean trace length | s/s
 def sweep_table(workdir: str, values: list[int]) -> tuple[str, list[dict]]:
   lines, points = [HEADER.format("m")], []
   for m in values:
-    sub = os.path.join(workdir, f"m{m}")
+    sub = f"{workdir}/m{m}"
     s, t = run_summaries(sub).get("diffmas"), training_figures(sub)
     if s is None:
       lines.append(f"| {m} | (not finished) |||||||")
@@ -104,8 +105,7 @@ def sweep_plot(points: list[dict], png: str) -> str:
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(ms, [str(m) for m in ms])
   fig.tight_layout()
-  fig.savefig(png)
-  return png
+  return paths.write_png(png, fig)
 
 
 def compare_table(workdirs: list[str]) -> str:
@@ -113,29 +113,28 @@ def compare_table(workdirs: list[str]) -> str:
   for w in workdirs:
     t = training_figures(w)
     for name, s in run_summaries(w).items():
-      lines.append(_row(f"{os.path.basename(os.path.normpath(w))}: {name}", s, t))
+      lines.append(_row(f"{paths.as_path(w).name}: {name}", s, t))
   return "\n".join(lines)
 
 
 def _write(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text + "\n")
+  paths.write_atomic(path, text + "\n")
 
 
 def main(argv):
   passthrough = argv[1:]
   if FLAGS.compare:
-    path = os.path.join(FLAGS.out, "ablations.md")
-    _write(path, compare_table(FLAGS.compare))
-    print(open(path).read())
+    path = f"{FLAGS.out}/ablations.md"
+    table = compare_table(FLAGS.compare)
+    _write(path, table)
+    print(table)
     return
   if not FLAGS.config:
     raise app.UsageError("--config=configs/<task>.py[:variants] is required (or --compare)")
   values = [int(v) for v in FLAGS.values]
   joiner = "," if ":" in FLAGS.config else ":"
   for m in values:
-    sub = os.path.join(FLAGS.workdir, f"m{m}")
+    sub = f"{FLAGS.workdir}/m{m}"
     cmd = [sys.executable, "-m", "launch.train", f"--config={FLAGS.config}{joiner}m{m}",
            f"--workdir={sub}", *passthrough]
     print("+", " ".join(cmd), flush=True)
@@ -143,13 +142,13 @@ def main(argv):
     if rc != 0:
       raise SystemExit(f"the m={m} run failed (exit {rc}); rerun this command to resume it")
   table, points = sweep_table(FLAGS.workdir, sorted(values))
-  _write(os.path.join(FLAGS.workdir, "msweep.md"),
+  _write(f"{FLAGS.workdir}/msweep.md",
          f"# m-sweep: {FLAGS.config} {' '.join(passthrough)}\n\n{table}")
   if points:
-    sweep_plot(points, os.path.join(FLAGS.workdir, "msweep.png"))
+    sweep_plot(points, f"{FLAGS.workdir}/msweep.png")
   print(table)
   print(f"table: {FLAGS.workdir}/msweep.md; plot: {FLAGS.workdir}/msweep.png")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

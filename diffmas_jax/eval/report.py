@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any, Sequence
@@ -110,9 +109,7 @@ def accuracy_chart(stats: dict[str, dict], title: str, png_path: str) -> str:
   ax.set_title(title, fontsize=10)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png")
-  paths.write_atomic(png_path, buf.getvalue())
+  paths.write_png(png_path, fig)
   return png_path
 
 

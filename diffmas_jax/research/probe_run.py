@@ -12,14 +12,13 @@ ratios, and a log-scale plot.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from diffmas_jax import agents, data, lora as lora_lib, prompts, topology
+from diffmas_jax import agents, data, lora as lora_lib, multihost, paths, prompts, topology
 from diffmas_jax import train as train_lib
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.methods.latent_mas import trace_capacity
@@ -61,8 +60,10 @@ def probe_one(weights, cfg, realigner, batch, spec, params, grad_mode: str, jvp:
 def sweep(weights, cfg, tokenizer, examples, pc: Any, lora_cfg: lora_lib.LoraConfig,
           out_dir: str, label: str, log: Callable = print) -> list[dict]:
   """Runs the depth x mode grid; appends rows to <out_dir>/probes.jsonl; returns them."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "probes.jsonl")
+  write = multihost.is_main()  # every process computes (collectives); process 0 writes
+  if write:
+    paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+  path = f"{out_dir}/probes.jsonl"
   realigner = agents.make_realigner(weights)
   rows = []
   for k in (int(d) for d in pc.depths):
@@ -96,8 +97,8 @@ def sweep(weights, cfg, tokenizer, examples, pc: Any, lora_cfg: lora_lib.LoraCon
       norms = " ".join(f"{r['kv_norm']:.2e}" for r in rows[-a - 1:-1])
       log(f"{label} {keep} K={k}: kv norms (first..last agent) {norms}, per-hop ratio "
           f"{summary.get('decay_kv_norm', float('nan')):.3f} ({secs:.0f} s)")
-      with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows[-a - 1:])
+      if write:
+        paths.append_text(path, "".join(json.dumps(r) + "\n" for r in rows[-a - 1:]))
   return rows
 
 
@@ -133,8 +134,7 @@ def plot(rows: list[dict], png: str, title: str) -> str:
   axes[0].legend(fontsize=7)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(png)
-  return png
+  return paths.write_png(png, fig)
 
 
 def decay_table(rows: list[dict]) -> str:

@@ -20,14 +20,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from diffmas_jax import agents, data, lora as lora_lib, sampling, topology
+from diffmas_jax import agents, data, lora as lora_lib, multihost, paths, sampling, topology
 from diffmas_jax import train as train_lib
 from diffmas_jax.eval.stats import bootstrap_ci
 from diffmas_jax.kv_cache import KVCache
@@ -214,11 +213,9 @@ def write_report(workdir: str, stats: dict[str, dict], train_logs: list[dict], h
     lines.append(f"| {name} | {s['n']} | {100 * s['accuracy']:.1f} | "
                  f"[{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}] | {s['nll']:.3f} | "
                  f"[{s['nll_ci_low']:.3f}, {s['nll_ci_high']:.3f}] | {s['seconds']:.0f} |")
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(stats, f, indent=1)
-  plot(stats, train_logs, os.path.join(workdir, "relay.png"))
+  paths.write_atomic(f"{workdir}/summary.md", "\n".join(lines) + "\n")
+  paths.write_atomic(f"{workdir}/summary.json", json.dumps(stats, indent=1))
+  plot(stats, train_logs, f"{workdir}/relay.png")
 
 
 def plot(stats: dict[str, dict], train_logs: list[dict], png: str) -> str:
@@ -251,18 +248,17 @@ def plot(stats: dict[str, dict], train_logs: list[dict], png: str) -> str:
   if train_logs:
     ax_loss.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(png)
-  return png
+  return paths.write_png(png, fig)
 
 
 def run_relay(cfg: Any, model: LoadedModel, workdir: str, log=print) -> dict[str, dict]:
   """Runs (or resumes) every condition; returns the summary per condition."""
-  os.makedirs(workdir, exist_ok=True)
   exp = Relay(cfg, model, log)
-  results = os.path.join(workdir, "results.jsonl")
-  logs_path = os.path.join(workdir, "train_log.jsonl")
-  rows = [json.loads(l) for l in open(results)] if os.path.exists(results) else []
-  train_logs = [json.loads(l) for l in open(logs_path)] if os.path.exists(logs_path) else []
+  results, logs_path = f"{workdir}/results.jsonl", f"{workdir}/train_log.jsonl"
+  rows, train_logs = paths.read_jsonl(results), paths.read_jsonl(logs_path)
+  write = multihost.is_main()  # every process computes (collectives); process 0 writes
+  if write:
+    paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   order = [name for name, _ in conditions(cfg.relay)]
   header = (f"{cfg.relay.task}/{cfg.relay.split}: {len(exp.split.train)} training items, "
             f"{len(exp.split.heldout)} held-out items (seed {cfg.relay.seed}); trace_keep="
@@ -281,18 +277,20 @@ def run_relay(cfg: Any, model: LoadedModel, workdir: str, log=print) -> dict[str
                 condition_seconds=out["seconds"],
                 **({"note": out["note"][i]} if "note" in out else {}))
            for i, r in enumerate(exp.split.heldout)]
-    with open(results, "a") as f:
-      f.writelines(json.dumps(r) + "\n" for r in new)
+    if write:
+      paths.append_text(results, "".join(json.dumps(r) + "\n" for r in new))
     rows += new
     if tlog:
       train_logs.append(tlog)
-      with open(logs_path, "a") as f:
-        f.write(json.dumps(tlog) + "\n")
+      if write:
+        paths.append_text(logs_path, json.dumps(tlog) + "\n")
     stats = summarize(rows, order)
     s_ = stats[name]
     log(f"{name}: accuracy {100 * s_['accuracy']:.1f}% [{100 * s_['ci_low']:.1f}, "
         f"{100 * s_['ci_high']:.1f}], NLL {s_['nll']:.3f} ({out['seconds']:.0f} s)")
-    write_report(workdir, stats, train_logs, header)
+    if write:
+      write_report(workdir, stats, train_logs, header)
   stats = summarize(rows, order)
-  write_report(workdir, stats, train_logs, header)
+  if write:
+    write_report(workdir, stats, train_logs, header)
   return stats
