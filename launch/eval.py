@@ -26,10 +26,30 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
+def load_eval_model(cfg):
+  """The model for evaluation on the mesh of `cfg.mesh` (as launch.train builds it).
+
+  Every weight is loaded straight into its sharding (each process reads only the
+  slices its devices hold), then kept as this process's block of the mesh in
+  per-layer buffers: evaluation splits each batch over those devices.
+  """
+  from diffmas_jax import eval_mesh
+  from diffmas_jax.loading import load_model
+  from diffmas_jax.model import per_layer
+  from diffmas_jax.plan import model_shapes
+  from launch.runtime import mesh_from_config
+
+  mesh = mesh_from_config(cfg.mesh, model_shapes(cfg.model.source, cfg.model.dtype))
+  local = eval_mesh.local_mesh(mesh)  # a mesh no process can evaluate on fails before loading
+  model = load_model(cfg.model.source, dtype=cfg.model.dtype, mesh=mesh)
+  # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
+  model.weights = per_layer(eval_mesh.on_mesh(model.weights, local))
+  return model
+
+
 def main(argv):
   del argv
-  from diffmas_jax.loading import check_source, load_model
-  from diffmas_jax.model import per_layer
+  from diffmas_jax.loading import check_source
   import jax
 
   from diffmas_jax import paths
@@ -45,9 +65,7 @@ def main(argv):
   from diffmas_jax.evaluation import evaluate
   init_runtime(FLAGS.multihost)
   workdir = make_workdir(FLAGS.workdir or cfg.workdir, f"eval_{cfg.eval.task}")
-  model = load_model(cfg.model.source, dtype=cfg.model.dtype)
-  # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
-  model.weights = per_layer(model.weights)
+  model = load_eval_model(cfg)
   trained = None
   if FLAGS.c2c_fuser:
     from diffmas_jax import c2c
