@@ -45,6 +45,19 @@ def local_mesh(mesh: Mesh) -> Mesh:
   return Mesh(mesh.devices[whole], mesh.axis_names)
 
 
+def host_block(mesh: Mesh, local_devices: int | None) -> Mesh:
+  """The block of `mesh` that one host of `local_devices` devices evaluates on (what
+  `local_mesh` gives each process), for planning with fake devices in one process."""
+  per_row = mesh.devices[0].size  # fsdp x tensor
+  if local_devices is None or local_devices >= mesh.devices.size:
+    return mesh
+  if local_devices % per_row:
+    raise sharding.ShardingError(
+        f"fsdp x tensor = {per_row} devices do not fit one host of {local_devices}: evaluation "
+        "runs each process on its own devices; choose a mesh whose non-data axes fit a host")
+  return Mesh(mesh.devices[:local_devices // per_row], mesh.axis_names)
+
+
 def _leaf_mesh(tree: Any) -> Mesh | None:
   for leaf in jax.tree.leaves(tree):
     if isinstance(getattr(leaf, "sharding", None), NamedSharding):

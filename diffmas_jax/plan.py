@@ -385,14 +385,18 @@ class MeshPlan:
   train: CompiledStats | None = None
   eval: CompiledStats | None = None
   error: str | None = None
+  eval_mesh: dict[str, int] | None = None  # one host's block of `mesh` (eval_mesh.host_block)
 
 
 def plan_mesh(cfg: ModelConfig, w: Workload, sizes: Mapping[str, int], parallelism: str,
-              devices=None, with_eval: bool = True, rules=sharding.DEFAULT_RULES) -> MeshPlan:
-  """Compiles the micro-step (and the eval pipeline) for one mesh."""
+              devices=None, with_eval: bool = True, rules=sharding.DEFAULT_RULES,
+              local_devices: int | None = None) -> MeshPlan:
+  """Compiles the micro-step for one mesh, and the eval pipeline for the block of it that
+  one host of `local_devices` devices evaluates on (None: the whole mesh)."""
   devices = list(devices if devices is not None else jax.devices())
   try:
     mesh = sharding.make_mesh(**sizes, devices=devices)
+    host = eval_mesh.host_block(mesh, local_devices) if with_eval else None
     shards, axes = sharding.batch_shards(mesh, rules)
     # The trainer's own rule, so the plan compiles the batch training would run.
     batch_plan = data.plan_batches(w.batch_size, w.grad_accum, shards, axes)
@@ -400,8 +404,9 @@ def plan_mesh(cfg: ModelConfig, w: Workload, sizes: Mapping[str, int], paralleli
     out = MeshPlan(dict(mesh.shape), parallelism, batch, accum)
     out.train = compile_stats("train", train_program(cfg, w, mesh, rules, batch))
     if with_eval:
-      eval_batch = eval_mesh.padded_rows(w.eval_batch, mesh)  # as evaluation pads it
-      out.eval = compile_stats("eval", eval_program(cfg, w, mesh, rules, eval_batch))
+      out.eval_mesh = dict(host.shape)
+      eval_batch = eval_mesh.padded_rows(w.eval_batch, host)  # as evaluation pads it
+      out.eval = compile_stats("eval", eval_program(cfg, w, host, rules, eval_batch))
     return out
   except (sharding.ShardingError, data.TrainDataError) as e:
     return MeshPlan(dict(sizes), parallelism, w.batch_size, w.grad_accum, error=str(e))
@@ -448,6 +453,8 @@ def report(p: MeshPlan) -> str:
   if p.error:
     return f"{head}\n  does not compile: {p.error}"
   lines = [head]
+  if p.eval and p.eval_mesh != p.mesh:
+    lines.append("  eval on one host's block " + "x".join(f"{k}={v}" for k, v in p.eval_mesh.items()))
   for s in (p.train, p.eval):
     if s is None:
       continue

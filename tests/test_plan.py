@@ -28,8 +28,8 @@ def _workload(m: int, batch: int = 4) -> plan.Workload:
 def tensor_plans():
   """The train step compiled with tensor parallelism for m = 1 and m = 3 latent steps."""
   mesh = dict(data=4, fsdp=1, tensor=2)
-  return {m: plan.plan_mesh(TINY, _workload(m), mesh, "tensor", with_eval=(m == 1))
-          for m in (1, 3)}
+  return {m: plan.plan_mesh(TINY, _workload(m), mesh, "tensor", with_eval=(m == 1),
+                           local_devices=4) for m in (1, 3)}
 
 
 def test_plan_reports_memory_collectives_and_verdict(tensor_plans):
@@ -83,6 +83,16 @@ def test_plan_splits_the_batch_with_the_trainers_rule(tensor_plans):
   bad = plan.plan_mesh(TINY, _workload(1, batch=3),
                        dict(data=4, fsdp=1, tensor=2), "tensor")
   assert bad.train is None and "cannot be split over the 4 batch shards" in bad.error
+
+
+def test_eval_is_planned_on_one_hosts_block(tensor_plans):
+  # 8 devices as 2 hosts of 4: evaluation runs each host's batches on its own block.
+  assert tensor_plans[1].mesh == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert tensor_plans[1].eval_mesh == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert "eval on one host's block data=2xfsdp=1xtensor=2" in plan.report(tensor_plans[1])
+  bad = plan.plan_mesh(TINY, _workload(1), dict(data=2, fsdp=2, tensor=2), "fsdp",
+                       local_devices=2)
+  assert bad.train is None and "do not fit one host of 2" in bad.error
 
 
 def test_vocab_sharded_loss_equals_unsharded_loss_without_gathering():
