@@ -10,6 +10,9 @@ results made with different ones.
 
 Batches have a fixed size: a short last batch is padded with copies of its last
 record (outputs dropped), so every batch reuses the same compiled functions.
+Each batch runs data parallel over this process's devices (eval_mesh.py): its
+rows are split over the mesh's batch axes, padded the same way to a multiple
+of them.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from diffmas_jax import multihost, paths
+from diffmas_jax import eval_mesh, multihost, paths
 from diffmas_jax.eval import ResultStore, sample_key, stats_by_method, write_summary
 from diffmas_jax.eval_batch import auto_batch_size
 from diffmas_jax.eval.report import ACCURACY_PNG, SUMMARY_MD, _finite
@@ -42,7 +46,7 @@ _FREE_EVAL_KEYS = ("limit", "methods", "num_samples")
 def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names: Sequence[str],
              eval_cfg: Any, agents_cfg: Any, workdir: str, lora: Any = None,
              extra_methods: Mapping[str, Method] | None = None, notes: Sequence[str] = (),
-             progress: bool = True) -> dict:
+             progress: bool = True, mesh: Mesh | None = None) -> dict:
   """Runs each method on every record (`eval_cfg.num_samples` times) and writes the report.
 
   Args:
@@ -58,6 +62,9 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
     extra_methods: name -> run function, for methods defined elsewhere.
     notes: extra lines for summary.md (the offline stand-in is added automatically).
     progress: show a tqdm bar.
+    mesh: the process-local mesh each batch is split over (default
+      `eval_mesh.inference_mesh`: the weights' mesh restricted to this process,
+      or every local device on the data axis).
   Returns:
     {"title", "methods": {name: figures from summary.json}, "summary_md",
      "summary_png", "records": the per-sample rows of this evaluation}, the same
@@ -71,9 +78,12 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
   """
   if any(r.family == "code" for r in records):  # refuse before any generation, not after
     check_sandbox(eval_cfg.get("sandbox") or None)
+  mesh = mesh if mesh is not None else eval_mesh.inference_mesh(loaded_model.weights)
   # Inference layout (model.per_layer): decode reads each weight once per step.
-  loaded_model = dataclasses.replace(loaded_model, weights=per_layer(loaded_model.weights))
-  runs = _method_runs(loaded_model, method_names, eval_cfg, agents_cfg, lora, extra_methods)
+  loaded_model = dataclasses.replace(
+      loaded_model, weights=per_layer(eval_mesh.on_mesh(loaded_model.weights, mesh)))
+  lora = None if lora is None else eval_mesh.on_mesh(lora, mesh)
+  runs = _method_runs(loaded_model, method_names, eval_cfg, agents_cfg, lora, extra_methods, mesh)
   store, done_rows = _open_results(workdir, loaded_model, eval_cfg, agents_cfg, lora)
   batch_size, num_samples = int(eval_cfg.batch_size), int(eval_cfg.num_samples)
   if batch_size <= 0:  # unset: as many rows as the cache budget holds (eval_batch.py)
@@ -133,9 +143,11 @@ def evaluate(loaded_model: LoadedModel, records: Sequence[Record], method_names:
 
 def _run_batch(run: tuple[Method, RunContext], name: str, pending: list[Record], sample: int,
                chunk_index: int, eval_cfg: Any, batch_size: int) -> list[dict]:
-  """Runs one fixed-size batch (padded with its last record) and scores it."""
+  """Runs one fixed-size batch (padded with its last record to `batch_size`, then to
+  a multiple of the mesh's batch shards) and scores it."""
   fn, ctx = run
-  batch = list(pending) + [pending[-1]] * (batch_size - len(pending))
+  batch = list(pending) + [pending[-1]] * (eval_mesh.padded_rows(batch_size, ctx.mesh)
+                                           - len(pending))
   seed = int(eval_cfg.seed) + 1000 * sample + chunk_index
   t0 = time.perf_counter()
   outs = fn(ctx, batch, seed)[:len(pending)]
@@ -180,12 +192,12 @@ def _open_results(workdir, model, eval_cfg, agents_cfg, lora
   return store, {sample_key(r): r for r in payload["rows"]}
 
 
-def _method_runs(model, method_names, eval_cfg, agents_cfg, lora, extra_methods
+def _method_runs(model, method_names, eval_cfg, agents_cfg, lora, extra_methods, mesh=None
                  ) -> dict[str, tuple[Method, RunContext]]:
   """name -> (run function, its context); baselines never see the adapters."""
   if not method_names:
     raise ValueError("no methods to evaluate; set --config.eval.methods")
-  base = RunContext.from_config(model, agents_cfg, eval_cfg)
+  base = RunContext.from_config(model, agents_cfg, eval_cfg).replace(mesh=mesh)
   with_lora = base.replace(lora=lora) if lora is not None else base
   runs = {}
   for name in method_names:

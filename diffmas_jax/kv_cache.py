@@ -42,11 +42,16 @@ class KVCache:
   end: Any
 
   @classmethod
-  def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> "KVCache":
+  def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=None,
+           shardings: "KVCache | None" = None) -> "KVCache":
+    """An empty cache; `shardings` (a KVCache of shardings) places each leaf (else the
+    default device)."""
     dtype = dtype or jnp.dtype(cfg.dtype)
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               pos=jnp.full((batch, capacity), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
+    at = lambda name: None if shardings is None else getattr(shardings, name)
+    return cls(k=jnp.zeros(shape, dtype, device=at("k")), v=jnp.zeros(shape, dtype, device=at("v")),
+               pos=jnp.full((batch, capacity), -1, jnp.int32, device=at("pos")),
+               end=jnp.zeros((), jnp.int32, device=at("end")))
 
   @property
   def capacity(self) -> int:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffmas_jax import agents, lora as lora_lib, sampling, sharding, topology
+from diffmas_jax import agents, data, eval_mesh, lora as lora_lib, sampling, sharding, topology
 from diffmas_jax import train as train_lib
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache
@@ -294,23 +294,6 @@ class Workload:
     return topology.TraceSpec(steps=self.steps, topology=self.topology)
 
 
-def per_call_batch(batch_size: int, grad_accum: int, batch_shards: int) -> tuple[int, int]:
-  """(per-call global batch, accumulation) keeping the effective batch.
-
-  The per-call batch must be a multiple of the batch-sharding mesh axes; a
-  micro-batch smaller than that grows to it and accumulation shrinks.
-  """
-  effective = batch_size * grad_accum
-  per_call = -(-batch_size // batch_shards) * batch_shards
-  if effective % per_call:
-    valid = [b for b in range(batch_shards, effective + 1, batch_shards) if effective % b == 0]
-    raise sharding.ShardingError(
-        f"effective batch {batch_size} x {grad_accum} = {effective} cannot be split into calls "
-        f"of a multiple of {batch_shards} examples (the batch-sharding mesh axes); valid "
-        f"--config.train.batch_size values: {valid or 'none: change grad_accum or the mesh'}")
-  return per_call, effective // per_call
-
-
 def _sds(shape, dtype, sh):
   return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sh)
 
@@ -328,13 +311,6 @@ def abstract_batch(w: Workload, batch: int, targets: bool = True) -> PipelineBat
                        b8(batch, w.target_tokens) if targets else None)
 
 
-def batch_shardings(mesh, batch: PipelineBatch, rules) -> PipelineBatch:
-  def one(x):
-    axes = ("batch", None) if x.ndim == 2 else (None, "batch", None)
-    return sharding.named_sharding(mesh, axes, x.shape, rules)
-  return jax.tree.map(one, batch)
-
-
 def train_program(cfg: ModelConfig, w: Workload, mesh, rules, batch: int):
   """`lower()` of the jitted micro-step on abstract args, built as the trainer builds it."""
   spec = w.spec
@@ -346,7 +322,7 @@ def train_program(cfg: ModelConfig, w: Workload, mesh, rules, batch: int):
   state = jax.eval_shape(lambda p: train_lib.init_state(p, optimizer, 0), params)
   state_sh = jax.tree.map(lambda _: replicated, state)
   b = abstract_batch(w, batch)
-  batch_sh = batch_shardings(mesh, b, rules)
+  batch_sh = sharding.batch_shardings(mesh, b, rules)
   cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, spec.length(w.prompt_tokens)))
   cache_sh = sharding.cache_shardings(cache, mesh, rules)
   realigner = jax.eval_shape(lambda: agents.Realigner(jnp.zeros((cfg.hidden_size,) * 2),
@@ -385,7 +361,7 @@ def eval_program(cfg: ModelConfig, w: Workload, mesh, rules, batch: int):
                                stop_ids=(0,))
   weights = _with_shardings(abstract_weights(cfg), sharding.weight_shardings(cfg, mesh, rules))
   b = abstract_batch(w, batch, targets=False)
-  b = _with_shardings(b, batch_shardings(mesh, b, rules))
+  b = _with_shardings(b, sharding.batch_shardings(mesh, b, rules))
   capacity = spec.length(w.prompt_tokens) + w.prompt_tokens + w.eval_new_tokens
   cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, capacity))
   cache = _with_shardings(cache, sharding.cache_shardings(cache, mesh, rules))
@@ -409,23 +385,30 @@ class MeshPlan:
   train: CompiledStats | None = None
   eval: CompiledStats | None = None
   error: str | None = None
+  eval_mesh: dict[str, int] | None = None  # one host's block of `mesh` (eval_mesh.host_block)
 
 
 def plan_mesh(cfg: ModelConfig, w: Workload, sizes: Mapping[str, int], parallelism: str,
-              devices=None, with_eval: bool = True, rules=sharding.DEFAULT_RULES) -> MeshPlan:
-  """Compiles the micro-step (and the eval pipeline) for one mesh."""
+              devices=None, with_eval: bool = True, rules=sharding.DEFAULT_RULES,
+              local_devices: int | None = None) -> MeshPlan:
+  """Compiles the micro-step for one mesh, and the eval pipeline for the block of it that
+  one host of `local_devices` devices evaluates on (None: the whole mesh)."""
   devices = list(devices if devices is not None else jax.devices())
   try:
     mesh = sharding.make_mesh(**sizes, devices=devices)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch, accum = per_call_batch(w.batch_size, w.grad_accum, shards)
+    host = eval_mesh.host_block(mesh, local_devices) if with_eval else None
+    shards, axes = sharding.batch_shards(mesh, rules)
+    # The trainer's own rule, so the plan compiles the batch training would run.
+    batch_plan = data.plan_batches(w.batch_size, w.grad_accum, shards, axes)
+    batch, accum = batch_plan.per_call, batch_plan.grad_accum
     out = MeshPlan(dict(mesh.shape), parallelism, batch, accum)
     out.train = compile_stats("train", train_program(cfg, w, mesh, rules, batch))
     if with_eval:
-      eval_batch = -(-w.eval_batch // shards) * shards
-      out.eval = compile_stats("eval", eval_program(cfg, w, mesh, rules, eval_batch))
+      out.eval_mesh = dict(host.shape)
+      eval_batch = eval_mesh.padded_rows(w.eval_batch, host)  # as evaluation pads it
+      out.eval = compile_stats("eval", eval_program(cfg, w, host, rules, eval_batch))
     return out
-  except sharding.ShardingError as e:
+  except (sharding.ShardingError, data.TrainDataError) as e:
     return MeshPlan(dict(sizes), parallelism, w.batch_size, w.grad_accum, error=str(e))
 
 
@@ -470,6 +453,8 @@ def report(p: MeshPlan) -> str:
   if p.error:
     return f"{head}\n  does not compile: {p.error}"
   lines = [head]
+  if p.eval and p.eval_mesh != p.mesh:
+    lines.append("  eval on one host's block " + "x".join(f"{k}={v}" for k, v in p.eval_mesh.items()))
   for s in (p.train, p.eval):
     if s is None:
       continue

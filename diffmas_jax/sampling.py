@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffmas_jax import model as model_lib
+from diffmas_jax import model as model_lib, sharding
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.model import LoRA
@@ -99,11 +99,15 @@ def decode(weights: Weights, cfg: ModelConfig, cache: KVCache, last_logits: jax.
 
 def prefill_and_decode(weights: Weights, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
                        key: jax.Array, sc: SamplingConfig, capacity: int,
-                       lora: LoRA | None = None) -> Generation:
-  """Prefills left-padded prompts [B, T] into a fresh cache, then decodes."""
+                       lora: LoRA | None = None, mesh: jax.sharding.Mesh | None = None
+                       ) -> Generation:
+  """Prefills left-padded prompts [B, T] into a fresh cache, then decodes.
+
+  `mesh`: the cache's rows are split over its batch axes, like `tokens` (eval_mesh).
+  """
   # Made outside jit: a cache of compile-time zeros makes XLA constant-fold the
   # prefill's attention over it (seconds of compile time for nothing).
-  cache = KVCache.init(cfg, tokens.shape[0], capacity)
+  cache = sharding.empty_cache(cfg, tokens.shape[0], capacity, mesh)
   return _prefill_and_decode(weights, cfg, cache, tokens, valid, key, sc, lora)
 
 

@@ -229,6 +229,31 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: Mapping | Sequence = DEFA
                     for name in ("k", "v", "pos", "end")})
 
 
+def batch_shards(mesh: Mesh, rules: Mapping | Sequence = DEFAULT_RULES) -> tuple[int, str]:
+  """(devices the logical batch axis is split over, their mesh axes as text)."""
+  axes = _mesh_axes(logical_to_spec(("batch",), rules)[0])
+  return math.prod(mesh.shape[a] for a in axes), " x ".join(axes) or "no mesh axis"
+
+
+def batch_shardings(mesh: Mesh, batch, rules: Mapping | Sequence = DEFAULT_RULES):
+  """Shardings of a pipeline batch: [B, T] leaves split on axis 0, the agents'
+  [A, B, T] leaves on axis 1 (checked to divide)."""
+  def one(x):
+    axes = ("batch", None) if x.ndim == 2 else (None, "batch", None)
+    return named_sharding(mesh, axes, x.shape, rules)
+  return jax.tree.map(one, batch)
+
+
+def empty_cache(cfg: ModelConfig, batch: int, capacity: int, mesh: Mesh | None = None,
+                dtype=None, rules: Mapping | Sequence = DEFAULT_RULES) -> KVCache:
+  """`KVCache.init` created straight in its shardings on `mesh` (rows over the batch
+  axes, no whole copy on any one device); None: on the default device."""
+  if mesh is None:
+    return KVCache.init(cfg, batch, capacity, dtype)
+  shapes = jax.eval_shape(lambda: KVCache.init(cfg, batch, capacity, dtype))
+  return KVCache.init(cfg, batch, capacity, dtype, shardings=cache_shardings(shapes, mesh, rules))
+
+
 def shard(tree, shardings):
   """device_put a pytree onto matching shardings."""
   return jax.tree.map(jax.device_put, tree, shardings)

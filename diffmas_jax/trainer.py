@@ -134,20 +134,6 @@ def _rows_per_process(shardings: Any, per_call: int) -> int:
   return len(rows)
 
 
-def _batch_shards(mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES) -> tuple[int, str]:
-  """(devices the batch axis is split over, their mesh axes as text)."""
-  spec = sharding.logical_to_spec(("batch",), rules)[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  return math.prod(mesh.shape[a] for a in axes), " x ".join(axes) or "no mesh axis"
-
-
-def _batch_shardings(mesh, batch, rules=sharding.DEFAULT_RULES):
-  def one(x):
-    axes = ("batch", None) if x.ndim == 2 else (None, "batch", None)
-    return sharding.named_sharding(mesh, axes, x.shape, rules)
-  return jax.tree.map(one, batch)
-
-
 def _probe_loss_fn(tc, cfg, spec, encoded, batch_sh, weights, make_cache, realigner, per_call,
                    objective=None):
   """params -> mean loss on the first `tc.probe_examples` examples, or None.
@@ -210,7 +196,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
       solver_text=prompts.solver_text(cfg.agents),
       template_kwargs=prompts.template_kwargs(model.tokenizer, cfg.agents.enable_thinking),
       solver_previous=notes)
-  shards, shard_axes = _batch_shards(mesh)
+  shards, shard_axes = sharding.batch_shards(mesh)
   plan = data.plan_batches(tc.batch_size, tc.grad_accum, shards, shard_axes)
   total_micro = data.num_micro_steps(len(encoded), tc.epochs, plan.per_call, plan.grad_accum)
   total_updates = total_micro // plan.grad_accum
@@ -219,7 +205,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   # Shardings: weights by their logical axes, batch over (data, fsdp), the rest replicated.
   replicated = NamedSharding(mesh, P())
   sample = encoded.take(np.arange(plan.per_call) % len(encoded))
-  batch_sh = _batch_shardings(mesh, sample)
+  batch_sh = sharding.batch_shardings(mesh, sample)
   capacity = ablations.capacity(method, sample, spec)
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, plan.per_call, 1), mesh)
   multihost.barrier("weights_loaded")  # the first cross-process transfers follow

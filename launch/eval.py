@@ -22,10 +22,29 @@ flags.DEFINE_string("c2c_fuser", "", "A trained C2C fuser (<train workdir>/c2c_f
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
+def load_eval_model(cfg):
+  """The model for evaluation on the mesh of `cfg.mesh` (as launch.train builds it).
+
+  Every weight is loaded straight into its sharding (each process reads only the
+  slices its devices hold), then kept as this process's block of the mesh in
+  per-layer buffers: evaluation splits each batch over those devices.
+  """
+  from diffmas_jax import eval_mesh
   from diffmas_jax.loading import load_model
   from diffmas_jax.model import per_layer
+  from diffmas_jax.plan import model_shapes
+  from launch.runtime import mesh_from_config
+
+  mesh = mesh_from_config(cfg.mesh, model_shapes(cfg.model.source, cfg.model.dtype))
+  local = eval_mesh.local_mesh(mesh)  # a mesh no process can evaluate on fails before loading
+  model = load_model(cfg.model.source, dtype=cfg.model.dtype, mesh=mesh)
+  # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
+  model.weights = per_layer(eval_mesh.on_mesh(model.weights, local))
+  return model
+
+
+def main(argv):
+  del argv
   import jax
 
   from diffmas_jax import paths
@@ -36,9 +55,7 @@ def main(argv):
       f"eval_{cfg.eval.task}", lambda: cli.check_eval_config(cfg.eval, cfg.agents),
       lambda: cli.load_records(cfg.eval), multihost=True)
   from diffmas_jax.evaluation import evaluate
-  model = load_model(cfg.model.source, dtype=cfg.model.dtype)
-  # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
-  model.weights = per_layer(model.weights)
+  model = load_eval_model(cfg)
   trained = None
   if FLAGS.c2c_fuser:
     from diffmas_jax import c2c

@@ -84,7 +84,8 @@ def main(argv):
                                           device_bytes=int(CHIPS[FLAGS.chip] * plan.GiB))]
   plans = []
   for sizes in meshes:
-    p = plan.plan_mesh(mcfg, w, sizes, parallelism, with_eval=FLAGS.eval)
+    p = plan.plan_mesh(mcfg, w, sizes, parallelism, with_eval=FLAGS.eval,
+                       local_devices=FLAGS.local_devices)
     print(plan.report(p), flush=True)
     plans.append(p)
   choice = plan.best(plans, CHIPS[FLAGS.chip])

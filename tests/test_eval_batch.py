@@ -4,7 +4,7 @@ import pytest
 
 from diffmas_jax import eval_batch
 from diffmas_jax.evaluation import evaluate
-from test_eval_harness import _cfg, _oracle
+from test_eval_harness import _cfg, _oracle, _rows
 from test_methods import RECORDS, tiny_model
 
 
@@ -43,5 +43,6 @@ def test_harness_uses_the_automatic_batch(model, tmp_path):
   cfg.eval.cache_budget_mb = 2 * _row_bytes(model, cfg) / 2**20  # two rows
   evaluate(model, RECORDS, ["oracle"], cfg.eval, cfg.agents, str(tmp_path),
            extra_methods={"oracle": _oracle(calls)}, progress=False)
-  assert calls == [(2, 0), (2, 1)]  # 3 records in batches of 2 (last one padded)
+  # 3 records in batches of 2 (the last one padded), each padded to the device count
+  assert calls == [(_rows(model, 2), 0), (_rows(model, 2), 1)]
   assert "batch auto" in (tmp_path / "summary.md").read_text()

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from configs import eval_arc, eval_gsm8k, eval_task
+from diffmas_jax import eval_mesh
 from diffmas_jax.evaluation import evaluate
 from diffmas_jax.methods import MethodOutput
 from test_methods import RECORDS, tiny_model
@@ -17,6 +18,11 @@ def _cfg(**eval_overrides):
   cfg.agents.agent_max_new_tokens = 3
   cfg.eval.update({**dict(max_new_tokens=4, batch_size=2, bucket=128), **eval_overrides})
   return cfg
+
+
+def _rows(model, batch_size):
+  """Rows a method receives: the batch padded to a multiple of this process's devices."""
+  return eval_mesh.padded_rows(batch_size, eval_mesh.inference_mesh(model.weights))
 
 
 def _oracle(calls):
@@ -50,7 +56,7 @@ def test_records_summary_and_resume(model, tmp_path):
   latent = [r for r in out["records"] if r["method"] == "latent_mas"]
   assert all(len(r["trace_len_per_agent"]) == 2 for r in latent)
   # Fixed batch shapes: the short last batch (3 records, batch 2) is padded to 2.
-  assert calls == [(2, 0), (2, 1)]
+  assert calls == [(_rows(model, 2), 0), (_rows(model, 2), 1)]
   assert out["methods"]["oracle"]["accuracy"] == 1.0 and out["methods"]["oracle"]["n"] == 3
   md = (tmp_path / "summary.md").read_text()
   assert "| oracle | 3 | 100.0 |" in md and "| latent_mas | 3 |" in md
@@ -62,7 +68,7 @@ def test_records_summary_and_resume(model, tmp_path):
   boom = lambda *a, **k: pytest.fail("a finished method was recomputed")
   again = evaluate(model, RECORDS, ["latent_mas", "oracle"], cfg.eval, cfg.agents,
                    str(tmp_path), extra_methods={"oracle": _oracle(calls)}, progress=False)
-  assert calls == [(2, 1)] and len(again["records"]) == len(lines)
+  assert calls == [(_rows(model, 2), 1)] and len(again["records"]) == len(lines)
   evaluate(model, RECORDS, ["oracle"], cfg.eval, cfg.agents, str(tmp_path),
            extra_methods={"oracle": boom}, progress=False)
 
@@ -85,7 +91,7 @@ def test_self_consistency_with_several_samples(model, tmp_path):
   cfg, calls = _cfg(num_samples=2), []
   out = evaluate(model, RECORDS[:2], ["oracle"], cfg.eval, cfg.agents, str(tmp_path),
                  extra_methods={"oracle": _oracle(calls)}, progress=False)
-  assert calls == [(2, 0), (2, 1000)]  # one seed per (sample, batch)
+  assert calls == [(_rows(model, 2), 0), (_rows(model, 2), 1000)]  # one seed per (sample, batch)
   assert out["methods"]["oracle"]["self_consistency"] == 1.0
   assert "self-consistency" in (tmp_path / "summary.md").read_text()
 

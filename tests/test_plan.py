@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffmas_jax import plan, sharding as sh, train
+from diffmas_jax import data, plan, sharding as sh, train
 from diffmas_jax.config import tiny_config
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.methods.latent_mas import trace_capacity
@@ -28,8 +28,8 @@ def _workload(m: int, batch: int = 4) -> plan.Workload:
 def tensor_plans():
   """The train step compiled with tensor parallelism for m = 1 and m = 3 latent steps."""
   mesh = dict(data=4, fsdp=1, tensor=2)
-  return {m: plan.plan_mesh(TINY, _workload(m), mesh, "tensor", with_eval=(m == 1))
-          for m in (1, 3)}
+  return {m: plan.plan_mesh(TINY, _workload(m), mesh, "tensor", with_eval=(m == 1),
+                           local_devices=4) for m in (1, 3)}
 
 
 def test_plan_reports_memory_collectives_and_verdict(tensor_plans):
@@ -76,12 +76,23 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
   assert counts["all-gather"] == 5 and unknown == 0
 
 
-def test_per_call_batch_keeps_the_effective_batch():
-  assert plan.per_call_batch(1, 64, 8) == (8, 8)
-  assert plan.per_call_batch(16, 4, 8) == (16, 4)
-  assert plan.per_call_batch(3, 8, 8) == (8, 3)
-  with pytest.raises(sh.ShardingError, match="valid --config.train.batch_size values: \\[8, 24\\]"):
-    plan.per_call_batch(12, 2, 8)
+def test_plan_splits_the_batch_with_the_trainers_rule(tensor_plans):
+  want = data.plan_batches(4, 2, 4)  # the trainer's rule, one implementation
+  assert (tensor_plans[1].batch, tensor_plans[1].grad_accum) == (want.per_call, want.grad_accum)
+  # 3 x 2 = 6 examples cannot be split into calls of a multiple of 4: reported, not compiled.
+  bad = plan.plan_mesh(TINY, _workload(1, batch=3),
+                       dict(data=4, fsdp=1, tensor=2), "tensor")
+  assert bad.train is None and "cannot be split over the 4 batch shards" in bad.error
+
+
+def test_eval_is_planned_on_one_hosts_block(tensor_plans):
+  # 8 devices as 2 hosts of 4: evaluation runs each host's batches on its own block.
+  assert tensor_plans[1].mesh == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert tensor_plans[1].eval_mesh == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert "eval on one host's block data=2xfsdp=1xtensor=2" in plan.report(tensor_plans[1])
+  bad = plan.plan_mesh(TINY, _workload(1), dict(data=2, fsdp=2, tensor=2), "fsdp",
+                       local_devices=2)
+  assert bad.train is None and "do not fit one host of 2" in bad.error
 
 
 def test_vocab_sharded_loss_equals_unsharded_loss_without_gathering():
@@ -126,7 +137,7 @@ def _step(mesh, mode="shared", batch_size=8):
   rep = NamedSharding(mesh, P())
   w_sh = sh.weight_shardings(CFG, mesh)
   cache_sh = sh.cache_shardings(KVCache.init(CFG, batch_size, 1), mesh)
-  b_sh = plan.batch_shardings(mesh, batch, sh.DEFAULT_RULES)
+  b_sh = sh.batch_shardings(mesh, batch)
   step = train.make_train_step(opt, sched, train.StepConfig(CFG, spec, mode, remat=False,
                                                                   mesh=mesh), dict(
       state=jax.tree.map(lambda _: rep, state), weights=w_sh, cache=cache_sh, batch=b_sh,

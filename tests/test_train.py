@@ -129,11 +129,10 @@ def _run_steps(mode, enc, spec, steps, tc, mesh=None, batch_size=4):
   else:
     from jax.sharding import NamedSharding, PartitionSpec as P
     from diffmas_jax import sharding
-    from diffmas_jax.trainer import _batch_shardings
     rep = NamedSharding(mesh, P())
     w_sh = sharding.weight_shardings(CFG, mesh)
     cache_sh = sharding.cache_shardings(KVCache.init(CFG, batch_size, 1), mesh)
-    b_sh = _batch_shardings(mesh, batch)
+    b_sh = sharding.batch_shardings(mesh, batch)
     state = jax.device_put(state, rep)
     step = train.make_train_step(opt, sched, sc, dict(
         state=jax.tree.map(lambda _: rep, state), weights=w_sh, cache=cache_sh, batch=b_sh,

@@ -12,9 +12,12 @@ import dataclasses
 import functools
 from typing import Any, Protocol, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from diffmas_jax import agents, prompts, sampling, topology
+from diffmas_jax import agents, eval_mesh, prompts, sampling, sharding, topology
+from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.loading import LoadedModel
 from diffmas_jax.model import LoRA
 from diffmas_jax.tasks import Record
@@ -69,6 +72,8 @@ class RunContext:
   top_k: int = 0
   bucket: int = 32  # prompt widths round up to a multiple: bounds recompiles
   lora: LoRA | topology.AgentLoRA | None = None  # shared LoRA, or per-role AgentLoRA
+  # Inference mesh (eval_mesh): rows split over its batch axes; None: the default device.
+  mesh: Mesh | None = None
 
   @classmethod
   def from_config(cls, model: LoadedModel, agents_cfg: Any, eval_cfg: Any,
@@ -110,6 +115,18 @@ class RunContext:
 
   def encode(self, chats: Sequence[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
     return encode_chats(self.model.tokenizer, chats, self.bucket, self.template_kwargs)
+
+  def put(self, rows: np.ndarray) -> jax.Array:
+    """[B, ...] host rows onto the devices (split over the mesh's batch axes)."""
+    return eval_mesh.put_rows(rows, self.mesh)
+
+  def put_pipeline(self, batch):
+    """A numpy PipelineBatch onto the devices (split over the mesh's batch axes)."""
+    return eval_mesh.put_pipeline(batch, self.mesh)
+
+  def new_cache(self, batch: int, capacity: int) -> KVCache:
+    """An empty KV cache, its rows split like `put`'s (made outside jit)."""
+    return sharding.empty_cache(self.model.cfg, batch, capacity, self.mesh)
 
 
 def encode_chats(tokenizer: Any, chats: Sequence[list[dict]], bucket: int = 32,

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 from diffmas_jax import c2c
-from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.methods.base import MethodOutput, RunContext, split_generation
 from diffmas_jax.methods.latent_mas import encode_pipeline
 from diffmas_jax.tasks import Record
@@ -28,8 +27,8 @@ def run(ctx: RunContext, records: Sequence[Record], seed: int = 0) -> list[Metho
   batch = encode_pipeline(m.tokenizer, records, ctx.roles, solver_text=ctx.solver_text,
                           bucket=ctx.bucket, template_kwargs=ctx.template_kwargs)
   sc = ctx.sampling_config(ctx.max_new_tokens)
-  cache = KVCache.init(m.cfg, len(records), c2c.capacity(batch, spec))
-  gen = c2c.fuse_and_decode(ctx.lora, m.weights, m.cfg, cache, batch.as_jax(), ctx.realigner,
+  cache = ctx.new_cache(len(records), c2c.capacity(batch, spec))
+  gen = c2c.fuse_and_decode(ctx.lora, m.weights, m.cfg, cache, ctx.put_pipeline(batch), ctx.realigner,
                             jax.random.key(seed), sc=sc, spec=spec)
   per_agent = (batch.agent_valid.sum(axis=2) + np.asarray(spec.steps)[:, None]).T
   return [MethodOutput(text=r["text"], output_tokens=r["tokens"], answer_tokens=r["tokens"],

@@ -166,8 +166,8 @@ def run(ctx: RunContext, records: Sequence[Record], seed: int = 0) -> list[Metho
   batch = encode_pipeline(m.tokenizer, records, ctx.roles, solver_text=ctx.solver_text,
                           bucket=ctx.bucket, template_kwargs=ctx.template_kwargs)
   sc = ctx.sampling_config(ctx.max_new_tokens)
-  cache = KVCache.init(m.cfg, len(records), pipeline_capacity(batch, spec, sc.max_new_tokens))
-  gen = trace_and_decode(m.weights, m.cfg, cache, batch.as_jax(), ctx.realigner,
+  cache = ctx.new_cache(len(records), pipeline_capacity(batch, spec, sc.max_new_tokens))
+  gen = trace_and_decode(m.weights, m.cfg, cache, ctx.put_pipeline(batch), ctx.realigner,
                          jax.random.key(seed), ctx.lora, sc=sc, spec=spec)
   # [B, A]: positions each agent added to the trace (its true prompt tokens + m).
   per_agent = (batch.agent_valid.sum(axis=2) + np.asarray(spec.steps)[:, None]).T

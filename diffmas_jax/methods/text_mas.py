@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 
 from diffmas_jax import prompts, sampling, topology
 from diffmas_jax.methods.base import MethodOutput, RunContext, split_generation
@@ -22,8 +21,9 @@ def _generate(ctx: RunContext, chats, max_new: int, seed: int, lora):
   tokens, valid = ctx.encode(chats)
   sc = ctx.sampling_config(max_new)
   m = ctx.model
-  gen = sampling.prefill_and_decode(m.weights, m.cfg, jnp.asarray(tokens), jnp.asarray(valid),
-                                    jax.random.key(seed), sc, tokens.shape[1] + max_new, lora)
+  gen = sampling.prefill_and_decode(m.weights, m.cfg, ctx.put(tokens), ctx.put(valid),
+                                    jax.random.key(seed), sc, tokens.shape[1] + max_new, lora,
+                                    ctx.mesh)
   return split_generation(gen, m.tokenizer, sc.stop_ids), valid.sum(axis=1).tolist()
 
 
