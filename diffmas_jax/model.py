@@ -3,10 +3,9 @@
 `forward(weights, cfg, cache, tokens=... | embeds=...)` appends the new tokens'
 keys/values at `cache.end`, attends over every filled slot whose position is not
 in the future, and returns logits, the final-norm hidden states and the new
-cache. Layers run as one `lax.scan` over stacked weights (optionally
-rematerialised), or as an unrolled loop when the weights hold per-layer buffers
-(`per_layer`: inference, no per-layer weight copies); the cache's layer axis is
-read alongside.
+cache. Layers run as one `lax.scan` (optionally rematerialised) over stacked
+weights, or over per-layer buffers picked by index (`per_layer`, `output_major`:
+inference, no per-layer weight copies); the cache's layer axis is read alongside.
 """
 
 from __future__ import annotations
@@ -73,6 +72,63 @@ class ForwardOutput(NamedTuple):
   cache: KVCache
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OutputMajor:
+  """A per-layer projection weight stored transposed: rows [out, in] (flattened dims).
+
+  Batch-1 inference layout (`output_major`): a single input row is then
+  multiplied as a multiply + row-sum fusion, which XLA:CPU compiles once for
+  all layers, where every matrix-vector dot gets a kernel of its own
+  (30 layers x 7 projections: most of the unrolled layout's compile time).
+  Measured as fast as the dot (docs/performance.md).
+  """
+
+  rows: Any  # [out, in]
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))  # logical [*in, *out]
+
+
+class PerLayerMatrix(NamedTuple):
+  """One projection's separate per-layer buffers, picked by the layer scan's index.
+
+  `matmul` runs `lax.switch` over one small branch per layer, each reading its
+  own buffer: the layer body (norms, RoPE, attention) is compiled once, and no
+  weight is copied (XLA:CPU copies a dynamic slice of a stacked weight before
+  every matmul; see `per_layer`).
+  """
+
+  index: jax.Array  # [] int32 layer index
+  buffers: tuple  # L arrays [*in, *out], or L OutputMajor
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.buffers[0].shape
+
+  def matmul(self, x2: jax.Array) -> jax.Array:
+    """[N, in] @ (the indexed layer's weight as [in, out]) -> [N, out]."""
+    if isinstance(self.buffers[0], OutputMajor):
+      fn = _row_sums if x2.shape[0] == 1 else _matmul_nt
+      branches = [functools.partial(fn, w_t=w.rows) for w in self.buffers]
+    else:
+      branches = [functools.partial(_matmul_2d, w=w) for w in self.buffers]
+    return jax.lax.switch(self.index, branches, x2)
+
+
+def _matmul_2d(x2: jax.Array, w: jax.Array) -> jax.Array:
+  return x2 @ w.reshape(x2.shape[1], -1)
+
+
+def _matmul_nt(x2: jax.Array, w_t: jax.Array) -> jax.Array:
+  """[N, in] x [out, in] -> [N, out]."""
+  return jax.lax.dot_general(x2, w_t, (((1,), (1,)), ((), ())))
+
+
+def _row_sums(x2: jax.Array, w_t: jax.Array) -> jax.Array:
+  """[1, in] x [out, in] -> [1, out], accumulated in f32 like the dot it replaces."""
+  y = jnp.sum(w_t.astype(jnp.float32) * x2.astype(jnp.float32), axis=1)
+  return y[None].astype(jnp.result_type(x2, w_t))
+
+
 def _num_contracted(eq: str) -> int:
   """Number of weight dims contracted with x ('bthe,hed->btd' -> 2)."""
   x, w = eq.split("->")[0].split(",")
@@ -86,8 +142,9 @@ def _project(x, w, name: str, lora_layer: LoRA | None):
   in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
   lead = x.shape[:x.ndim - n_in]
   # One 2-D matmul: XLA:CPU runs these ~1.5x faster than the equivalent 3-D einsum at decode.
-  y = (x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1)).reshape(
-      *lead, *out_shape)
+  x2 = x.reshape(-1, math.prod(in_shape))
+  y2 = w.matmul(x2) if isinstance(w, PerLayerMatrix) else x2 @ w.reshape(x2.shape[1], -1)
+  y = y2.reshape(*lead, *out_shape)
   if lora_layer is not None and name in lora_layer.a:
     xa = x
     if lora_layer.dropout_key is not None:
@@ -239,9 +296,16 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     lora = dataclasses.replace(lora, dropout_key=jax.vmap(
         lambda k: jax.random.fold_in(k, slot))(lora.dropout_key))
   ctx_kv = None if context is None else (context.k, context.v)
+  layers, matrices = weights.layers, None
+  if isinstance(layers, tuple):  # per-layer buffers: scan over the index (see PerLayerMatrix)
+    matrices = {n: tuple(getattr(lw, n) for lw in layers) for n in PROJ_EQ}
+    layers = (jnp.arange(len(layers)), _stack_vectors(layers))
 
   def body(x, xs):
     lw, lora_layer, k_l, v_l, ctx_l = xs
+    if matrices is not None:
+      i, lw = lw
+      lw = dataclasses.replace(lw, **{n: PerLayerMatrix(i, bufs) for n, bufs in matrices.items()})
     x, k, v = _layer(cfg, inv_freq, positions, masks, x, lw, lora_layer, k_l, v_l, fresh_cache,
                      ctx_l)
     return x, (k, v)
@@ -252,17 +316,7 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     body = jax.checkpoint(body, policy=REMAT[cfg.remat])
   # The cache is only read inside the layer loop; new K/V ([L, B, K, T, Dh]) are written
   # once afterwards, which XLA does in place instead of copying the cache per layer.
-  if isinstance(weights.layers, tuple):  # per-layer buffers: an unrolled loop (see per_layer)
-    per_layer_lora = None if lora is None else _unstack(lora)
-    ks, vs = [], []
-    for i, lw in enumerate(weights.layers):
-      x, (k, v) = body(x, (lw, None if lora is None else per_layer_lora[i], cache.k[i],
-                           cache.v[i], None if ctx_kv is None else (ctx_kv[0][i], ctx_kv[1][i])))
-      ks.append(k)
-      vs.append(v)
-    k_new, v_new = jnp.stack(ks), jnp.stack(vs)
-  else:
-    x, (k_new, v_new) = jax.lax.scan(body, x, (weights.layers, lora, cache.k, cache.v, ctx_kv))
+  x, (k_new, v_new) = jax.lax.scan(body, x, (layers, lora, cache.k, cache.v, ctx_kv))
   hidden = L.rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
   new_cache = cache
   if append:
@@ -299,25 +353,67 @@ def _check_inputs(cfg: ModelConfig, cache: KVCache, tokens, embeds, valid, posit
 def per_layer(weights: Weights) -> Weights:
   """The weights with `layers` as a tuple of per-layer LayerWeights (separate buffers).
 
-  `forward` then runs the layers as an unrolled loop over those buffers. With the
-  stacked layout, XLA:CPU copies each layer's weight slice out of the stack before
-  every matrix-vector product inside the layer scan, so a decode step or latent
-  step reads the weights about three times (slice read, copy write, matvec read);
-  separate buffers are read once. Build once (outside jit) and keep only this copy
-  for inference; the stacked layout stays for training, sharding and conversion.
-  Idempotent; `stacked` is the inverse.
+  With the stacked layout, XLA:CPU copies each layer's weight slice out of the
+  stack before every matrix product inside the layer scan, so a decode step or
+  latent step reads the weights about three times (slice read, copy write,
+  matvec read); separate buffers are read once. `forward` still runs one layer
+  scan: each projection picks its layer's buffer with `lax.switch`
+  (PerLayerMatrix), so the layer body is compiled once. Build once (outside jit)
+  and keep only this copy for inference; the stacked layout stays for training,
+  sharding and conversion. Idempotent; `stacked` is the inverse.
   """
   if isinstance(weights.layers, tuple):
     return weights
   return dataclasses.replace(weights, layers=tuple(_unstack(weights.layers)))
 
 
+def output_major(weights: Weights) -> Weights:
+  """`per_layer` with every projection stored transposed (OutputMajor): the batch-1 layout.
+
+  Single-row steps then compile one row-sum kernel per projection instead of one
+  dot kernel per projection per layer. Several rows use a transposed-operand dot,
+  measured slower than `per_layer`'s at batch 8 (docs/performance.md), so the
+  jitted entry points switch to this layout only for batch 1. Idempotent;
+  `stacked` is the inverse.
+  """
+  weights = per_layer(weights)
+  if isinstance(weights.layers[0].q, OutputMajor):
+    return weights
+  return dataclasses.replace(weights, layers=tuple(
+      dataclasses.replace(lw, **{n: _to_output_major(getattr(lw, n), n) for n in PROJ_EQ})
+      for lw in weights.layers))
+
+
+def inference_layout(weights: Weights, batch: int) -> Weights:
+  """`output_major` for batch 1, else `per_layer` (a no-op on weights already split)."""
+  if batch == 1:
+    return output_major(weights)
+  return per_layer(weights)
+
+
 def stacked(weights: Weights) -> Weights:
-  """Inverse of `per_layer`: layers stacked on a leading axis again (idempotent)."""
+  """Inverse of `per_layer` / `output_major`: layers stacked on a leading axis (idempotent)."""
   if not isinstance(weights.layers, tuple):
     return weights
-  return dataclasses.replace(weights, layers=jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                          *weights.layers))
+  layers = [dataclasses.replace(lw, **{n: _from_output_major(getattr(lw, n)) for n in PROJ_EQ})
+            for lw in weights.layers]
+  return dataclasses.replace(weights, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+
+
+def _to_output_major(w: jax.Array, name: str) -> OutputMajor:
+  n_in = _num_contracted(PROJ_EQ[name])
+  return OutputMajor(w.reshape(math.prod(w.shape[:n_in]), -1).T, w.shape)
+
+
+def _from_output_major(w):
+  return w.rows.T.reshape(w.shape) if isinstance(w, OutputMajor) else w
+
+
+def _stack_vectors(layers: tuple) -> "LayerWeights":
+  """Per-layer LayerWeights -> the small leaves (norms, biases) stacked [L, ...]; the
+  matrices are left out (None): they stay separate buffers (PerLayerMatrix)."""
+  small = [dataclasses.replace(lw, **{n: None for n in PROJ_EQ}) for lw in layers]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *small)
 
 
 def _unstack(tree) -> list:

@@ -26,12 +26,13 @@ def main(argv):
   from diffmas_jax import sampling
   from diffmas_jax.config import DTYPES
   from diffmas_jax.loading import check_source, load_model
-  from diffmas_jax.model import per_layer
+  from diffmas_jax.model import inference_layout
 
   cli.check_all(lambda: check_source(FLAGS.source), _check_flags(DTYPES))
   t0 = time.time()
   m = load_model(FLAGS.source, dtype=FLAGS.dtype)
-  m.weights = per_layer(m.weights)  # inference layout, built once (model.per_layer)
+  # Inference layout for this batch, built once (model.inference_layout).
+  m.weights = inference_layout(m.weights, len(FLAGS.prompt))
   print(f"loaded {FLAGS.source} ({m.cfg.family}, {m.cfg.num_layers} layers) in {time.time() - t0:.1f}s")
   prompts = [m.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in FLAGS.prompt]
   sc = sampling.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,

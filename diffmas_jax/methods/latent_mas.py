@@ -154,7 +154,8 @@ def trace_and_decode(weights: Weights, cfg: ModelConfig, cache: KVCache, batch: 
   `cache`: empty, `pipeline_capacity(batch, spec, sc.max_new_tokens)` slots,
   made outside jit (donated). Returns the solver's Generation.
   """
-  weights = model_lib.per_layer(weights)  # no-op when the caller keeps per-layer weights
+  # No-op when the caller keeps this layout (model.inference_layout).
+  weights = model_lib.inference_layout(weights, batch.solver_tokens.shape[0])
   out = solver_prefill(weights, cfg, cache, batch, realigner, spec, lora)
   _, _, solver_lora = topology.split_lora(lora)
   last = model_lib.lm_head(weights, out.hidden[:, -1:])[:, 0]  # [B, V]
