@@ -59,7 +59,7 @@ def jax_worker(hf_dir: str) -> dict:
   from diffmas_jax.methods.latent_mas import pipeline_capacity, trace_and_decode
 
   m = load_model(hf_dir)
-  weights = model_lib.per_layer(m.weights)  # inference layout, built once
+  weights = model_lib.inference_layout(m.weights, 1)  # batch-1 inference layout, built once
   m.weights = None
   batch = _inputs(m.tokenizer)
   spec = topology.TraceSpec((STEPS,) * len(ROLES))

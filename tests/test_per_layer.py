@@ -92,3 +92,40 @@ def test_decode_and_latent_steps_equal_stacked(qwen3):
   run = jax.jit(lambda w: agents.build_trace(w, cfg, KVCache.init(cfg, 1, 30), tokens, valid,
                                              realigner, steps=3))
   _close(run(per), run(weights), atol=1e-5)
+
+
+def test_output_major_single_rows_match_scan(qwen3, rng):
+  """The batch-1 layout (row sums for single rows, transposed dots for a prefill) gives
+  the scan's results; float sums run in another order, hence 1e-5."""
+  cfg, weights = qwen3
+  om = model_lib.output_major(weights)
+  assert isinstance(om.layers[0].q, model_lib.OutputMajor)
+  assert om.layers[0].q.shape == weights.layers.q.shape[1:]
+  assert model_lib.output_major(om) is om
+  _close(model_lib.stacked(om), weights, atol=0)
+  step = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t))
+  prompt = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, 6)))
+  outs = {}
+  for name, w in (("scan", weights), ("output_major", om)):
+    out = step(w, KVCache.init(cfg, 1, 9), prompt)
+    got = [out]
+    for tok in (3, 11, 42):
+      out = step(w, out.cache, jnp.asarray([[tok]]))
+      got.append(out)
+    outs[name] = got
+  _close(outs["output_major"], outs["scan"], atol=1e-5)
+
+
+def test_layer_body_is_compiled_once(qwen3):
+  """Per-layer buffers run one layer scan (not an unrolled loop); with the batch-1 layout
+  a single-token step lowers no matrix product per layer (row sums instead)."""
+  cfg, weights = qwen3
+  cache = KVCache.init(cfg, 1, 4)
+  tok = jnp.zeros((1, 1), jnp.int32)
+  hlo = lambda w: jax.jit(lambda w: model_lib.forward(w, cfg, cache, tokens=tok)).lower(w).as_text()
+  scan, per, om = hlo(weights), hlo(model_lib.per_layer(weights)), hlo(model_lib.output_major(weights))
+  for text in (per, om):
+    assert text.count("stablehlo.while") == scan.count("stablehlo.while") == 1
+    assert text.count("stablehlo.case") == len(model_lib.PROJ_EQ)  # one switch per projection
+  dots = lambda text: text.count("stablehlo.dot_general")
+  assert dots(per) - dots(om) == len(model_lib.PROJ_EQ) * cfg.num_layers
