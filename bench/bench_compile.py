@@ -126,7 +126,8 @@ def run(paths, runs: int) -> dict:
         res[f"{path}:{layout}"] = json.loads(out.stdout.strip().splitlines()[-1])
     res["load"] = os.getloadavg()[0]
     per_run.append(res)
-    print(f"compile run {i + 1}/{runs} done (load {res['load']:.1f})", file=sys.stderr)
+    print(f"compile run {i + 1}/{runs} done (load {res['load']:.1f}): {json.dumps(res)}",
+          file=sys.stderr)
   for path in paths:
     col = lambda layout, key: [r[f"{path}:{layout}"][key] for r in per_run]
     print(f"\n## {path}: median [min, max] of {runs} fresh-process runs, compile cache off "
@@ -136,7 +137,7 @@ def run(paths, runs: int) -> dict:
     for layout in LAYOUTS[path]:
       cells = []
       for key in ("compile_s", "first_cpu_s", "ms_per_token"):
-        cells += [fmt(col(layout, key), 1 if key != "ms_per_token" else 1),
+        cells += [fmt(col(layout, key), 1),
                   fmt(ratios(col(layout, key), col("stacked", key)), 2, "x")]
       print(f"| {layout} | " + " | ".join(cells) + " |")
   return {"runs": per_run}
