@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from diffmas_jax import layers as L
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache
-from diffmas_jax.params import Weights
+from diffmas_jax.params import LayerWeights, Weights
 
 _save = jax.checkpoint_policies.save_only_these_names
 REMAT = {
@@ -409,7 +409,7 @@ def _from_output_major(w):
   return w.rows.T.reshape(w.shape) if isinstance(w, OutputMajor) else w
 
 
-def _stack_vectors(layers: tuple) -> "LayerWeights":
+def _stack_vectors(layers: tuple) -> LayerWeights:
   """Per-layer LayerWeights -> the small leaves (norms, biases) stacked [L, ...]; the
   matrices are left out (None): they stay separate buffers (PerLayerMatrix)."""
   small = [dataclasses.replace(lw, **{n: None for n in PROJ_EQ}) for lw in layers]
