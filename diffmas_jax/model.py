@@ -81,7 +81,7 @@ class OutputMajor:
   multiplied as a multiply + row-sum fusion, which XLA:CPU compiles once for
   all layers, where every matrix-vector dot gets a kernel of its own
   (30 layers x 7 projections: most of the unrolled layout's compile time).
-  Measured as fast as the dot (docs/performance.md).
+  Decodes slower than the dots but faster than the stacked scan (docs/performance.md).
   """
 
   rows: Any  # [out, in]
