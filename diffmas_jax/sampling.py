@@ -113,9 +113,16 @@ def prefill_and_decode(weights: Weights, cfg: ModelConfig, tokens: jax.Array, va
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sc"), donate_argnames=("cache",))
 def _prefill_and_decode(weights, cfg, cache, tokens, valid, key, sc, lora):
-  # No-op for per-layer weights (built once by the caller); stacked ones are split here,
+  # No-op for weights the caller keeps in this layout (built once); others are split here,
   # one copy per call instead of one per layer per decoded token (model.per_layer).
   weights = model_lib.per_layer(weights)
+  return prefill_then_decode(weights, cfg, cache, tokens, valid, key, sc, lora)
+
+
+def prefill_then_decode(weights: Weights, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
+                        valid: jax.Array, key: jax.Array, sc: SamplingConfig,
+                        lora: LoRA | None = None) -> Generation:
+  """The body of `prefill_and_decode` for weights in any layout (bench/bench_compile.py)."""
   out = model_lib.forward(weights, cfg, cache, tokens=tokens, valid=valid, lora=lora,
                           logits="last", fresh_cache=True)
   return decode(weights, cfg, out.cache, out.logits[:, 0], key, sc, lora)

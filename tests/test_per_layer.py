@@ -92,3 +92,18 @@ def test_decode_and_latent_steps_equal_stacked(qwen3):
   run = jax.jit(lambda w: agents.build_trace(w, cfg, KVCache.init(cfg, 1, 30), tokens, valid,
                                              realigner, steps=3))
   _close(run(per), run(weights), atol=1e-5)
+
+
+def test_layer_body_is_compiled_once(qwen3):
+  """Per-layer buffers run one layer scan (not an unrolled loop): one switch per projection
+  picks the layer's own buffer, and the stacked scan's weight slicing is gone."""
+  cfg, weights = qwen3
+  cache = KVCache.init(cfg, 1, 4)
+  tok = jnp.zeros((1, 1), jnp.int32)
+  hlo = lambda w: jax.jit(lambda w: model_lib.forward(w, cfg, cache, tokens=tok)).lower(w).as_text()
+  scan, per = hlo(weights), hlo(model_lib.per_layer(weights))
+  assert per.count("stablehlo.while") == scan.count("stablehlo.while") == 1
+  assert per.count("stablehlo.case") == len(model_lib.PROJ_EQ)  # one switch per projection
+  # One dot per layer per projection, each in its own branch (no unrolled layer loop).
+  dots = lambda text: text.count("stablehlo.dot_general")
+  assert dots(per) - dots(scan) == len(model_lib.PROJ_EQ) * (cfg.num_layers - 1)

@@ -154,7 +154,16 @@ def trace_and_decode(weights: Weights, cfg: ModelConfig, cache: KVCache, batch: 
   `cache`: empty, `pipeline_capacity(batch, spec, sc.max_new_tokens)` slots,
   made outside jit (donated). Returns the solver's Generation.
   """
-  weights = model_lib.per_layer(weights)  # no-op when the caller keeps per-layer weights
+  # No-op when the caller keeps this layout (model.per_layer).
+  weights = model_lib.per_layer(weights)
+  return trace_then_decode(weights, cfg, cache, batch, realigner, key, lora, sc=sc, spec=spec)
+
+
+def trace_then_decode(weights: Weights, cfg: ModelConfig, cache: KVCache, batch: PipelineBatch,
+                      realigner: agents.Realigner, key: jax.Array,
+                      lora: LoRA | topology.AgentLoRA | None, *, sc: sampling.SamplingConfig,
+                      spec: topology.TraceSpec) -> sampling.Generation:
+  """The body of `trace_and_decode` for weights in any layout (bench/bench_compile.py)."""
   out = solver_prefill(weights, cfg, cache, batch, realigner, spec, lora)
   _, _, solver_lora = topology.split_lora(lora)
   last = model_lib.lm_head(weights, out.hidden[:, -1:])[:, 0]  # [B, V]
