@@ -42,13 +42,18 @@ def time_once(name: str, cache_dir: str, root: str) -> dict:
   argv = [sys.executable, "-m"] + [a.format(w=work) for a in COMMANDS[name]]
   env = dict(os.environ, DIFFMAS_COMPILE_CACHE=cache_dir)
   load_before = _load()
+  log = os.path.join(work, "output.log")
   t0 = time.perf_counter()
-  proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+  # Each output line stamped with the seconds since start (phases: e.g. training vs eval).
+  with open(log, "w") as f:
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+      f.write(f"[{time.perf_counter() - t0:8.1f}] {line}")
+    proc.wait()
   seconds = time.perf_counter() - t0
-  with open(os.path.join(work, "output.log"), "w") as f:
-    f.write(proc.stdout + proc.stderr)
   return dict(command=name, argv=" ".join(argv[1:]), exit=proc.returncode, seconds=seconds,
-              load_before=load_before, load_after=_load(), log=os.path.join(work, "output.log"))
+              load_before=load_before, load_after=_load(), log=log)
 
 
 def main() -> int:

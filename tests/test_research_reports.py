@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from diffmas_jax import paths
-from diffmas_jax.research import probe_run, relay_run
+from diffmas_jax.research import probe_run, relay_run, run_tables
 
 ORDER = ["single", "latent_mas m=4"]
 
@@ -44,14 +44,12 @@ def test_probe_plot_goes_to_a_url(fake_gcs):
   assert (fake_gcs / "bucket/probe/probes.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sweep_compare_reads_and_writes_urls(fake_gcs, monkeypatch):
-  from launch import sweep
-
+def test_sweep_compare_reads_and_writes_urls(fake_gcs):
   run = fake_gcs / "bucket" / "runs" / "train_a"
   run.mkdir(parents=True)
   (run / "summary.json").write_text(json.dumps({"methods": {"diffmas": dict(
       n=4, accuracy=0.5, ci_low=0.1, ci_high=0.9)}}))
-  table = sweep.compare_table(["gs://bucket/runs/train_a"])
+  table = run_tables.compare_table(["gs://bucket/runs/train_a"])
   assert "train_a: diffmas" in table
-  sweep._write("gs://bucket/out/ablations.md", table)
+  run_tables.write_text("gs://bucket/out/ablations.md", table)
   assert (fake_gcs / "bucket/out/ablations.md").read_text() == table + "\n"
