@@ -153,7 +153,10 @@ def check_eval_config(eval_cfg: Any, agents_cfg: Any) -> None:
   positive = lambda key: lambda: check_value(
       int(eval_cfg.get(key, 1)) >= 1,
       f"eval.{key}={eval_cfg.get(key)} must be >= 1 (--config.eval.{key}=...)")
-  check_all(*(positive(k) for k in ("batch_size", "num_samples", "max_new_tokens", "bucket")),
+  check_all(lambda: check_value(int(eval_cfg.get("batch_size", 0)) >= 0, f"eval.batch_size="
+                                f"{eval_cfg.get('batch_size')} is negative; 0 = picked from "
+                                "eval.cache_budget_mb (--config.eval.batch_size=...)"),
+            *(positive(k) for k in ("num_samples", "max_new_tokens", "bucket")),
             lambda: check_value(float(eval_cfg.temperature) >= 0, f"eval.temperature="
                                 f"{eval_cfg.temperature} is negative; 0 = greedy "
                                 "(--config.eval.temperature=...)"),

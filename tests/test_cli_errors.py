@@ -118,7 +118,7 @@ def _launch(*args, rc):
 def test_eval_reports_model_and_data_together_without_traceback(tmp_path):
   err = _launch("launch.eval", "--config=configs/eval_arc.py:quick",
                 "--config.model.source=./no_such_model", f"--config.eval.data_path={tmp_path}/x.csv",
-                "--config.eval.batch_size=0", f"--workdir={tmp_path}/run", rc=2)
+                "--config.eval.batch_size=-1", f"--workdir={tmp_path}/run", rc=2)
   lines = err.strip().splitlines()
   assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), err
   assert "no_such_model" in err and "x.csv" in err and "batch_size" in err
@@ -126,6 +126,20 @@ def test_eval_reports_model_and_data_together_without_traceback(tmp_path):
   err = _launch("launch.eval", "--config=configs/eval_arc.py:quick", "--verbose",
                 "--config.eval.limit=-1", f"--workdir={tmp_path}/run", rc=2)
   assert "Traceback" in err and "error: eval.limit=-1" in err  # --verbose: traceback too
+
+
+def test_every_eval_config_passes_its_own_checks():
+  """eval.batch_size = 0 (the default: picked from the cache budget) is valid; < 0 is not."""
+  import importlib
+
+  for name, arg in (("eval_arc", "quick"), ("eval_gsm8k", None), ("gpqa", "quickstart")):
+    cfg = importlib.import_module(f"configs.{name}").get_config(arg)
+    cli.check_eval_config(cfg.eval, cfg.agents)
+    cfg.eval.batch_size = 0
+    cli.check_eval_config(cfg.eval, cfg.agents)
+  cfg.eval.batch_size = -1
+  with pytest.raises(InputError, match="batch_size=-1 is negative"):
+    cli.check_eval_config(cfg.eval, cfg.agents)
 
 
 def test_misspelt_config_key_is_a_usage_error():
