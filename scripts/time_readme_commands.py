@@ -40,7 +40,7 @@ def _load() -> float:
 def time_once(name: str, cache_dir: str, root: str) -> dict:
   work = tempfile.mkdtemp(prefix=f"{name}_", dir=root)
   argv = [sys.executable, "-m"] + [a.format(w=work) for a in COMMANDS[name]]
-  env = dict(os.environ, DIFFMAS_COMPILE_CACHE=cache_dir)
+  env = dict(os.environ, DIFFMAS_COMPILE_CACHE=cache_dir, PYTHONUNBUFFERED="1")
   load_before = _load()
   log = os.path.join(work, "output.log")
   t0 = time.perf_counter()
