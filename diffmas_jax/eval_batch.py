@@ -54,10 +54,18 @@ def auto_batch_size(cfg: ModelConfig, tokenizer: Any, records: Sequence[Record],
   roles = prompts.roles_from_config(agents_cfg)
   width = prompt_width(tokenizer, records, roles, int(eval_cfg.bucket),
                        prompts.template_kwargs(tokenizer, agents_cfg.get("enable_thinking")))
-  slots = slots_per_row(width, len(roles), max((r.latent_steps for r in roles), default=0),
+  return budget_batch_size(cfg, width, eval_cfg, agents_cfg, len(records))
+
+
+def budget_batch_size(cfg: ModelConfig, prompt_width: int, eval_cfg: Any, agents_cfg: Any,
+                      num_records: int = MAX_AUTO_BATCH) -> int:
+  """The most rows whose caches fit `eval.cache_budget_mb` for prompts `prompt_width` wide
+  (capped at MAX_AUTO_BATCH and `num_records`); the plan calls it with the config's width."""
+  roles = prompts.roles_from_config(agents_cfg)
+  slots = slots_per_row(prompt_width, len(roles), max((r.latent_steps for r in roles), default=0),
                         int(agents_cfg.agent_max_new_tokens), int(eval_cfg.max_new_tokens))
   budget = float(eval_cfg.get("cache_budget_mb", DEFAULT_CACHE_BUDGET_MB)) * 2**20
   if budget <= 0:
     raise ValueError(f"eval.cache_budget_mb must be > 0, got {eval_cfg.cache_budget_mb}")
   fits = int(budget // (slots * cache_bytes_per_slot(cfg)))
-  return max(1, min(fits, MAX_AUTO_BATCH, len(records)))
+  return max(1, min(fits, MAX_AUTO_BATCH, num_records))

@@ -277,16 +277,22 @@ class Workload:
   topology: str = "sequential"
 
   @classmethod
-  def from_config(cls, cfg: Any) -> "Workload":
-    from diffmas_jax import prompts
+  def from_config(cls, cfg: Any, model_cfg: ModelConfig | None = None) -> "Workload":
+    """`model_cfg` resolves `eval.batch_size = 0` (picked from the cache budget, as
+    evaluation does, for prompts train.max_prompt_tokens wide); without it, 8."""
+    from diffmas_jax import eval_batch, prompts
     roles = prompts.roles_from_config(cfg.agents)
+    batch = int(cfg.eval.batch_size)
+    if batch == 0:
+      batch = 8 if model_cfg is None else eval_batch.budget_batch_size(
+          model_cfg, int(cfg.train.max_prompt_tokens), cfg.eval, cfg.agents)
     return cls(steps=tuple(r.latent_steps for r in roles),
                prompt_tokens=int(cfg.train.max_prompt_tokens),
                target_tokens=int(cfg.train.max_target_tokens),
                batch_size=int(cfg.train.batch_size), grad_accum=int(cfg.train.grad_accum),
                grad_mode=cfg.train.grad_mode, remat_stages=bool(cfg.train.remat_stages),
                lora=lora_lib.LoraConfig.from_config(cfg.lora),
-               eval_batch=int(cfg.eval.batch_size), eval_new_tokens=int(cfg.eval.max_new_tokens),
+               eval_batch=batch, eval_new_tokens=int(cfg.eval.max_new_tokens),
                topology=cfg.agents.topology)
 
   @property

@@ -70,11 +70,12 @@ def main(argv):
   if mcfg is None:
     raise PlanError(f"model {source!r} is neither a preset ({', '.join(PRESETS)}) nor a "
                     "config.json / HF directory; pass --model=qwen3-8b or --model=/path/config.json")
-  w = plan.Workload.from_config(cfg)
+  w = plan.Workload.from_config(cfg, mcfg)
   print(f"JAX {jax.__version__}, {jax.device_count()} fake {jax.default_backend()} devices; "
         f"model {FLAGS.model or cfg.model.source} ({mcfg.num_layers} layers, d={mcfg.hidden_size}, "
         f"{mcfg.dtype}, remat {mcfg.remat}); agents m={w.steps}, prompts {w.prompt_tokens}, "
-        f"targets {w.target_tokens}, micro-batch {w.batch_size} x accumulation {w.grad_accum}")
+        f"targets {w.target_tokens}, micro-batch {w.batch_size} x accumulation {w.grad_accum}, "
+        f"eval batch {w.eval_batch}")
   parallelism = "search" if FLAGS.search else cfg.mesh.get("parallelism", "manual")
   if FLAGS.search:
     meshes = plan.candidate_meshes(FLAGS.devices, mcfg, FLAGS.local_devices)

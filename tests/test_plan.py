@@ -200,3 +200,22 @@ def test_maxtext_style_rules_table_drops_in():
   mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
   w = sh.weight_shardings(TINY, mesh, rules)
   assert w.layers.gate.spec == P(None, "fsdp", "tensor") and w.lm_head.spec == P("fsdp", "tensor")
+
+
+def test_workload_resolves_the_automatic_eval_batch():
+  """eval.batch_size = 0 (the default) is planned as evaluation picks it: from the cache
+  budget for the config's prompt width, never 0 (a 0-row batch crashed the plan)."""
+  from configs import gpqa
+  from diffmas_jax import eval_batch
+  from diffmas_jax.config import PRESETS
+
+  cfg = gpqa.get_config(None)
+  assert cfg.eval.batch_size == 0
+  qwen8b = PRESETS["qwen3-8b"]
+  w = plan.Workload.from_config(cfg, qwen8b)
+  assert w.eval_batch == eval_batch.budget_batch_size(qwen8b, int(cfg.train.max_prompt_tokens),
+                                                      cfg.eval, cfg.agents) >= 1
+  with cfg.unlocked():
+    cfg.eval.cache_budget_mb = 1e9  # a huge budget stops at the cap
+  assert plan.Workload.from_config(cfg, qwen8b).eval_batch == eval_batch.MAX_AUTO_BATCH
+  assert plan.Workload.from_config(cfg).eval_batch == 8  # no model shapes: the old default
