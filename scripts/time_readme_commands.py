@@ -52,7 +52,7 @@ def time_once(name: str, cache_dir: str, root: str) -> dict:
       f.write(f"[{time.perf_counter() - t0:8.1f}] {line}")
     proc.wait()
   seconds = time.perf_counter() - t0
-  return dict(command=name, argv=" ".join(argv[1:]), exit=proc.returncode, seconds=seconds,
+  return dict(command=name, argv=" ".join(argv[2:]), exit=proc.returncode, seconds=seconds,
               load_before=load_before, load_after=_load(), log=log)
 
 
