@@ -94,17 +94,27 @@ def attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]
   return out.reshape(b, kv_heads, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
-def _masked_scores(qc, k, mask, g):
-  """[B, K, G*T, S] f32 scores, MASK_VALUE where `mask` [B, T, S] is False."""
+def _masked_scores(qc, k, mask, g, keys_left: bool = False):
+  """[B, K, G*T, S] f32 scores, MASK_VALUE where `mask` [B, T, S] is False.
+
+  `keys_left` computes (k qc^T)^T: for a handful of queries (decode, latent
+  steps) XLA:CPU would otherwise copy each layer's keys transposed ([S, Dh] ->
+  [Dh, S]) before every step; with k as the left operand only the small query
+  block and the [S, G*T] product are transposed.
+  """
   b, kv_heads, gt, _ = qc.shape
-  s = jnp.matmul(qc, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
+  if keys_left:
+    s = jnp.swapaxes(jnp.matmul(k, jnp.swapaxes(qc, -1, -2), preferred_element_type=jnp.float32),
+                     -1, -2)
+  else:
+    s = jnp.matmul(qc, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
   s = jnp.where(mask[:, None, None], s.reshape(b, kv_heads, g, gt // g, -1), MASK_VALUE)
   return s.reshape(b, kv_heads, gt, -1)
 
 
 def _attend_blocks(qc, blocks, g):
   """Softmax over several key blocks scored separately (autodiff backward)."""
-  scores = [_masked_scores(qc, k, mask, g) for k, _, mask in blocks]
+  scores = [_masked_scores(qc, k, mask, g, keys_left=True) for k, _, mask in blocks]
   probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
   out, offset = 0.0, 0
   for k, v, _ in blocks:

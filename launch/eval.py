@@ -30,14 +30,13 @@ def load_eval_model(cfg):
   per-layer buffers: evaluation splits each batch over those devices.
   """
   from diffmas_jax import eval_mesh
-  from diffmas_jax.loading import load_model
   from diffmas_jax.model import per_layer
   from diffmas_jax.plan import model_shapes
   from launch.runtime import mesh_from_config
 
   mesh = mesh_from_config(cfg.mesh, model_shapes(cfg.model.source, cfg.model.dtype))
   local = eval_mesh.local_mesh(mesh)  # a mesh no process can evaluate on fails before loading
-  model = load_model(cfg.model.source, dtype=cfg.model.dtype, mesh=mesh)
+  model = cli.load_reported(cfg.model.source, dtype=cfg.model.dtype, mesh=mesh)
   # Inference only: keep just the per-layer buffers (evaluate would otherwise hold both).
   model.weights = per_layer(eval_mesh.on_mesh(model.weights, local))
   return model

@@ -111,8 +111,14 @@ def test_launch_eval_loads_into_the_config_mesh(tmp_path, parallelism, tensor):
   cfg = eval_arc.get_config("quick")
   cfg.model.source, cfg.mesh.parallelism = str(tmp_path), parallelism
   weights = load_eval_model(cfg).weights
-  q = weights.layers[0].q  # [D, H, Dh] of layer 0: per-layer buffers, heads over tensor
+  # Layer 0's per-layer buffer: heads over tensor ([D, H, Dh]); replicated weights
+  # have q|k|v fused ([D, K, G + 2, Dh], model.per_layer).
+  q = weights.layers[0].q
   assert isinstance(weights.layers, tuple)
   assert dict(q.sharding.mesh.shape) == {"data": 8 // tensor, "fsdp": 1, "tensor": tensor}
-  assert {s.data.shape[1] for s in q.addressable_shards} == {4 // tensor}
+  if tensor == 1:
+    assert q.shape[1:3] == (2, 4) and q.sharding.is_fully_replicated
+  else:
+    assert weights.layers[0].k is not None  # split matrices are not fused
+    assert {s.data.shape[1] for s in q.addressable_shards} == {4 // tensor}
   assert len(q.sharding.device_set) == 8

@@ -27,7 +27,14 @@ def test_layout_round_trip(qwen3):
   cfg, weights = qwen3
   per = model_lib.per_layer(weights)
   assert isinstance(per.layers, tuple) and len(per.layers) == cfg.num_layers
-  assert per.layers[1].q.shape == weights.layers.q.shape[1:]
+  d, h, dh = weights.layers.q.shape[1:]
+  kv = cfg.num_kv_heads
+  # q|k|v fused per kv head: [D, K, G + 2, Dh]; gate|up: [D, 2F].
+  assert per.layers[1].q.shape == (d, kv, h // kv + 2, dh)
+  assert per.layers[1].k is None and per.layers[1].v is None and per.layers[1].up is None
+  np.testing.assert_array_equal(per.layers[1].q[:, 1, -2], weights.layers.k[1][:, 1])
+  np.testing.assert_array_equal(per.layers[1].q[:, 1, 0], weights.layers.q[1][:, h // kv])
+  assert per.layers[1].gate.shape == (d, 2 * cfg.intermediate_size)
   assert model_lib.per_layer(per) is per  # idempotent
   back = model_lib.stacked(per)
   _close(back, weights, atol=0)
@@ -103,7 +110,8 @@ def test_layer_body_is_compiled_once(qwen3):
   hlo = lambda w: jax.jit(lambda w: model_lib.forward(w, cfg, cache, tokens=tok)).lower(w).as_text()
   scan, per = hlo(weights), hlo(model_lib.per_layer(weights))
   assert per.count("stablehlo.while") == scan.count("stablehlo.while") == 1
-  assert per.count("stablehlo.case") == len(model_lib.PROJ_EQ)  # one switch per projection
-  # One dot per layer per projection, each in its own branch (no unrolled layer loop).
+  # One switch per matrix (q|k|v and gate|up fused: 4 instead of 7) and one dot per layer
+  # per matrix, each in its own branch (no unrolled layer loop).
+  assert per.count("stablehlo.case") == 4
   dots = lambda text: text.count("stablehlo.dot_general")
-  assert dots(per) - dots(scan) == len(model_lib.PROJ_EQ) * (cfg.num_layers - 1)
+  assert dots(per) - dots(scan) == 4 * cfg.num_layers - len(model_lib.PROJ_EQ)

@@ -1,0 +1,83 @@
+"""Where a decode step's time goes: XLA:CPU's own per-operation trace (jax.profiler).
+
+  python -m bench.profile_step              # batch 1, 200-token cache, embedded model
+  python -m bench.profile_step --batch=8 --top=30
+
+Runs one jitted single-token `forward` (the decode / latent-step shape) on the
+per-layer inference layout, traces `--steps` calls and prints each XLA
+operation's time per step (summed over the layer loop), its calls per step and
+the read bandwidth a weight-sized matmul reached. Names are the compiled HLO's
+(`cond.*`: one per-layer matrix product; `dot.*`: the LM head;
+`*_fusion`: elementwise work and copies), so a copy that should not be there
+shows up by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("batch", 1, "Rows decoded per step.")
+flags.DEFINE_integer("context", 200, "Filled cache slots before the step.")
+flags.DEFINE_integer("steps", 20, "Traced steps.")
+flags.DEFINE_integer("top", 20, "Operations printed.")
+flags.DEFINE_string("model", "embedded:smollm2-135m-instruct", "Model source.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+
+  from diffmas_jax import model as model_lib
+  from diffmas_jax.kv_cache import KVCache
+  from diffmas_jax.loading import load_model
+
+  m = load_model(FLAGS.model)
+  cfg, weights = m.cfg, model_lib.per_layer(m.weights)
+  m.weights = None
+  b = FLAGS.batch
+  cache = KVCache.init(cfg, b, FLAGS.context + 128)
+  prefill = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t, fresh_cache=True,
+                                                      logits="none").cache)
+  cache = prefill(weights, cache, jnp.ones((b, FLAGS.context), jnp.int32))
+  token = jnp.ones((b, 1), jnp.int32)
+  step = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t, logits="last").logits)
+  for _ in range(3):
+    step(weights, cache, token).block_until_ready()
+  # Result shape of every HLO instruction, so each traced name says what it computes.
+  hlo = step.lower(weights, cache, token).compile().as_text()
+  shapes = dict(re.findall(r"%([\w.-]+) = (\S+) ", hlo))
+  trace_dir = tempfile.mkdtemp(prefix="profile_step_")
+  with jax.profiler.trace(trace_dir):
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      step(weights, cache, token).block_until_ready()
+    wall = (time.perf_counter() - t0) / FLAGS.steps * 1e3
+  path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+  events = json.load(gzip.open(path))["traceEvents"]
+  total = collections.defaultdict(lambda: [0, 0.0])  # name -> [calls, microseconds]
+  for e in events:
+    if e.get("ph") == "X":
+      total[e["name"]][0] += 1
+      total[e["name"]][1] += e["dur"]
+  n = FLAGS.steps
+  print(f"batch {b}, {FLAGS.context}-slot context: {wall:.2f} ms per step (traced)")
+  print("| operation | result | ms / step | calls / step |\n|---|---|---|---|")
+  skip = ("ThunkExecutor", "$", "Pjit", "CommonPjRt", "SlinkyThreadPool")
+  rows = [(k, v) for k, v in total.items() if not k.startswith(skip) and not k.startswith("while")]
+  for name, (calls, us) in sorted(rows, key=lambda kv: -kv[1][1])[:FLAGS.top]:
+    print(f"| {name} | {shapes.get(name, '')[:40]} | {us / n / 1e3:.3f} | {calls / n:.0f} |")
+  print(f"trace: {trace_dir} (open in Perfetto or TensorBoard)")
+
+
+if __name__ == "__main__":
+  app.run(main)
