@@ -253,7 +253,7 @@ def main(argv):
     for suite in FLAGS.suites.split(","):
       if suite == "core":
         results["core"] = core_suite(hf_dir)
-      else:  # latent / train suites live in bench/ beside their own code
+      else:  # latent / train / methods suites live in bench/ beside their own code
         module = {"latent": bench_latent, "train": bench_train, "methods": bench_methods}[suite]
         results[suite] = module.run(hf_dir, runs=FLAGS.runs)
   if FLAGS.out:
