@@ -29,6 +29,8 @@ CACHE_AXES = {
 class KVCache:
   """k, v: [L, B, K, S, Dh]; pos: [B, S] int32 (-1 empty); end: [] int32 write index.
 
+  (Inside decode loops k and v are tuples of L [B, K, S, Dh] buffers: `by_layer`.)
+
   Slots sit after the kv-head axis (as in HF caches) so decode attention reads
   each head's keys contiguously, with no per-step transpose of the cache.
 
@@ -93,6 +95,27 @@ class KVCache:
   def keep(self, keep_mask: jax.Array) -> "KVCache":
     """Drops slots where `keep_mask` [B, S] is False (they become empty); no compaction."""
     return dataclasses.replace(self, pos=jnp.where(keep_mask, self.pos, -1))
+
+
+def by_layer(cache: KVCache) -> KVCache:
+  """The cache with k, v as tuples of per-layer [B, K, S, Dh] buffers (one copy).
+
+  For decode loops: `model.forward` then reads each layer's keys and values where
+  they lie (layers.LayerBuffer) instead of slicing them out of the stack every
+  step, and writes each new token into its layer's buffer in place. Only
+  single-token steps avoid the copy; `stacked` is the inverse. Idempotent.
+  """
+  if isinstance(cache.k, tuple):
+    return cache
+  split = lambda buf: tuple(buf[i] for i in range(buf.shape[0]))
+  return dataclasses.replace(cache, k=split(cache.k), v=split(cache.v))
+
+
+def stacked(cache: KVCache) -> KVCache:
+  """Inverse of `by_layer` (idempotent)."""
+  if not isinstance(cache.k, tuple):
+    return cache
+  return dataclasses.replace(cache, k=jnp.stack(cache.k), v=jnp.stack(cache.v))
 
 
 def concat(caches: Sequence[KVCache], capacity: int | None = None) -> KVCache:

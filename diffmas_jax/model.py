@@ -292,13 +292,16 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
   if isinstance(layers, tuple):  # per-layer buffers: scan over the index (see PerLayerMatrix)
     matrices = {n: tuple(getattr(lw, n) for lw in layers) for n in PROJ_EQ
                 if getattr(layers[0], n) is not None}  # fused: k, v, up are None
-    layers = (jnp.arange(len(layers)), _stack_vectors(layers))
+    layers = _stack_vectors(layers)
+  cache_by_layer = isinstance(cache.k, tuple)  # kv_cache.by_layer: picked like the matrices
+  cache_xs = (None, None) if cache_by_layer else (cache.k, cache.v)
 
   def body(x, xs):
-    lw, lora_layer, k_l, v_l, ctx_l = xs
+    i, lw, lora_layer, k_l, v_l, ctx_l = xs
     if matrices is not None:
-      i, lw = lw
       lw = dataclasses.replace(lw, **{n: PerLayerMatrix(i, bufs) for n, bufs in matrices.items()})
+    if cache_by_layer:
+      k_l, v_l = L.LayerBuffer(i, cache.k), L.LayerBuffer(i, cache.v)
     x, k, v = _layer(cfg, inv_freq, positions, masks, x, lw, lora_layer, k_l, v_l, fresh_cache,
                      ctx_l)
     return x, (k, v)
@@ -309,11 +312,16 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     body = jax.checkpoint(body, policy=REMAT[cfg.remat])
   # The cache is only read inside the layer loop; new K/V ([L, B, K, T, Dh]) are written
   # once afterwards, which XLA does in place instead of copying the cache per layer.
-  x, (k_new, v_new) = jax.lax.scan(body, x, (layers, lora, cache.k, cache.v, ctx_kv))
+  x, (k_new, v_new) = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers), layers, lora,
+                                             *cache_xs, ctx_kv))
   hidden = L.rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
   new_cache = cache
   if append:
-    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, cache.end, axis=3)
+    if cache_by_layer:  # each layer's buffer updated in place
+      write = lambda bufs, new: tuple(jax.lax.dynamic_update_slice_in_dim(
+          buf, new[i], cache.end, axis=2) for i, buf in enumerate(bufs))
+    else:
+      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, cache.end, axis=3)
     new_cache = KVCache(k=write(cache.k, k_new), v=write(cache.v, v_new),
                         pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, cache.end,
                                                                 axis=1),
@@ -339,8 +347,13 @@ def _check_inputs(cfg: ModelConfig, cache: KVCache, tokens, embeds, valid, posit
     chex.assert_shape(embeds, (None, None, cfg.hidden_size))
     bt = embeds.shape[:2]
   chex.assert_shape([x for x in (valid, positions) if x is not None], bt)
-  chex.assert_shape([cache.k, cache.v], (cfg.num_layers, bt[0], cfg.num_kv_heads, None,
-                                         cfg.head_dim))
+  if isinstance(cache.k, tuple):  # per-layer buffers (kv_cache.by_layer)
+    if len(cache.k) != cfg.num_layers or len(cache.v) != cfg.num_layers:
+      raise ValueError(f"per-layer cache has {len(cache.k)} layers, model {cfg.num_layers}")
+    chex.assert_shape([*cache.k, *cache.v], (bt[0], cfg.num_kv_heads, None, cfg.head_dim))
+  else:
+    chex.assert_shape([cache.k, cache.v], (cfg.num_layers, bt[0], cfg.num_kv_heads, None,
+                                           cfg.head_dim))
 
 
 def per_layer(weights: Weights) -> Weights:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffmas_jax import model as model_lib, sharding
+from diffmas_jax import kv_cache, model as model_lib, sharding
 from diffmas_jax.config import ModelConfig
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.model import LoRA
@@ -88,10 +88,15 @@ def decode(weights: Weights, cfg: ModelConfig, cache: KVCache, last_logits: jax.
     done = done | jnp.isin(tok, stop_ids)
     return i + 1, out.cache, out.logits[:, 0], done, key, toks, lps, ents
 
-  init = (jnp.int32(0), cache, last_logits.astype(jnp.float32), jnp.zeros((b,), bool), key,
+  # Per-layer K/V buffers for the loop: each step then reads every layer's keys and
+  # values in place instead of slicing them out of the stacked cache (one copy each
+  # way per call instead of one per layer per token).
+  init = (jnp.int32(0), kv_cache.by_layer(cache), last_logits.astype(jnp.float32),
+          jnp.zeros((b,), bool), key,
           jnp.full((b, n), sc.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
           jnp.zeros((b, n), jnp.float32))
   _, cache, _, _, _, toks, lps, ents = jax.lax.while_loop(cond, body, init)
+  cache = kv_cache.stacked(cache)
   is_stop = jnp.isin(toks, stop_ids)
   first_stop = jnp.where(is_stop.any(axis=1), jnp.argmax(is_stop, axis=1) + 1, n)
   return Generation(toks, first_stop.astype(jnp.int32), lps, ents, cache)
