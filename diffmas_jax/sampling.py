@@ -58,12 +58,17 @@ def sample_token(logits: jax.Array, key: jax.Array, sc: SamplingConfig) -> jax.A
 
 
 def decode(weights: Weights, cfg: ModelConfig, cache: KVCache, last_logits: jax.Array,
-           key: jax.Array, sc: SamplingConfig, lora: LoRA | None = None) -> Generation:
+           key: jax.Array, sc: SamplingConfig, lora: LoRA | None = None,
+           by_layer: bool = True) -> Generation:
   """Decodes up to `sc.max_new_tokens` tokens after a prefill.
 
   Args:
     cache: prefilled cache with at least `max_new_tokens` free slots.
     last_logits: [B, V] logits at each row's last prompt position.
+    by_layer: run the loop on per-layer K/V buffers (kv_cache.by_layer): each step
+      reads every layer's keys and values in place instead of slicing them out of
+      the stacked cache; one copy each way per call instead of one per layer per
+      token. False keeps the stacked cache (bench/bench_decode_cache.py compares).
   """
   b = last_logits.shape[0]
   n = sc.max_new_tokens
@@ -88,11 +93,8 @@ def decode(weights: Weights, cfg: ModelConfig, cache: KVCache, last_logits: jax.
     done = done | jnp.isin(tok, stop_ids)
     return i + 1, out.cache, out.logits[:, 0], done, key, toks, lps, ents
 
-  # Per-layer K/V buffers for the loop: each step then reads every layer's keys and
-  # values in place instead of slicing them out of the stacked cache (one copy each
-  # way per call instead of one per layer per token).
-  init = (jnp.int32(0), kv_cache.by_layer(cache), last_logits.astype(jnp.float32),
-          jnp.zeros((b,), bool), key,
+  init = (jnp.int32(0), kv_cache.by_layer(cache) if by_layer else cache,
+          last_logits.astype(jnp.float32), jnp.zeros((b,), bool), key,
           jnp.full((b, n), sc.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
           jnp.zeros((b, n), jnp.float32))
   _, cache, _, _, _, toks, lps, ents = jax.lax.while_loop(cond, body, init)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_model, to_ours
-from diffmas_jax import agents, lora as lora_lib, sampling
+from diffmas_jax import agents, kv_cache, lora as lora_lib, sampling
 from diffmas_jax import model as model_lib
 from diffmas_jax.kv_cache import KVCache
 
@@ -99,6 +99,38 @@ def test_decode_and_latent_steps_equal_stacked(qwen3):
   run = jax.jit(lambda w: agents.build_trace(w, cfg, KVCache.init(cfg, 1, 30), tokens, valid,
                                              realigner, steps=3))
   _close(run(per), run(weights), atol=1e-5)
+
+
+def test_per_layer_cache_steps_equal_stacked(qwen3, rng):
+  """Decode loops hold K/V as per-layer buffers (kv_cache.by_layer): single-token steps
+  read each layer's buffer inside a switch branch instead of slicing the stacked cache,
+  several tokens at once still work, and what is written equals the stacked cache's."""
+  cfg, weights = qwen3
+  per = model_lib.per_layer(weights)
+  prompt = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 5)))
+  stacked = model_lib.forward(per, cfg, KVCache.init(cfg, 2, 12), tokens=prompt).cache
+  split = kv_cache.by_layer(stacked)
+  assert len(split.k) == cfg.num_layers and split.k[0].shape == stacked.k.shape[1:]
+  _close(kv_cache.stacked(split), stacked, atol=0)
+  assert kv_cache.by_layer(split) is split and kv_cache.stacked(stacked) is stacked
+  step = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t))
+  for w in (per, weights):
+    ref, got = stacked, split
+    for tokens in (prompt[:, :1], prompt[:, 1:2], prompt[:, :3]):
+      a, b = step(w, ref, tokens), step(w, got, tokens)
+      assert isinstance(b.cache.k, tuple)
+      _close(b.logits, a.logits)
+      _close(kv_cache.stacked(b.cache), a.cache)
+      ref, got = a.cache, b.cache
+  hlo = lambda c: jax.jit(lambda c: model_lib.forward(per, cfg, c, tokens=prompt[:, :1])
+                          ).lower(c).as_text()
+  # Two more switches (scores, values) read the layer's buffers; the stacked cache's
+  # per-layer slices (dynamic_slice of [L, B, K, S, Dh] in the scan) are gone.
+  assert hlo(split).count("stablehlo.case") == hlo(stacked).count("stablehlo.case") + 2
+  stack_type = f"tensor<{cfg.num_layers}x2x{cfg.num_kv_heads}x12x{cfg.head_dim}xf32>"
+  slices = lambda text: sum(stack_type in line for line in text.splitlines()
+                            if "dynamic_slice" in line)
+  assert slices(hlo(stacked)) >= 1 and slices(hlo(split)) == 0
 
 
 def test_layer_body_is_compiled_once(qwen3):
