@@ -16,12 +16,13 @@ MASK_VALUE = -2.38e38
 
 
 class LayerBuffer(NamedTuple):
-  """One layer's keys or values in a per-layer cache (a tuple of buffers), picked by the
-  layer scan's index.
+  """The current layer's buffer out of L separate ones (per-layer weights or K/V),
+  picked by the layer scan's index.
 
-  A stacked cache is sliced, that is copied, for every layer of every decode step
-  (2 x 2 MB per layer at batch 8 on SmolLM2); here each product that reads the
-  cache runs inside a `lax.switch` branch on its layer's own buffer instead.
+  XLA:CPU copies a dynamic slice of a stacked [L, ...] array before every product
+  that reads it (each weight matrix, each layer's keys and values, every decode
+  step); here each such product runs inside a `lax.switch` branch on the layer's
+  own buffer, so the layer body is still compiled once and nothing is copied.
   """
 
   index: jax.Array  # [] int32 layer index
