@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 flags.DEFINE_list("batches", ["1", "8", "24"], "Rows decoded per step.")
 flags.DEFINE_integer("context", 200, "Filled cache slots before decoding.")
@@ -33,18 +35,21 @@ def main(argv):
 
   from diffmas_jax import model as model_lib, sampling
   from diffmas_jax.kv_cache import KVCache
-  from diffmas_jax.loading import load_model
+  from diffmas_jax.loading import check_source
 
-  m = load_model(FLAGS.model)
-  cfg, weights = m.cfg, model_lib.per_layer(m.weights)
-  m.weights = None
+  batches = [int(b) for b in FLAGS.batches if b.isdigit() and int(b) > 0]
+  cli.check_all(lambda: check_source(FLAGS.model), lambda: cli.check_value(
+      len(batches) == len(FLAGS.batches) > 0,
+      f"--batches={','.join(FLAGS.batches)}: expected positive integers, e.g. --batches=1,8,24"))
+  m = cli.load_reported(FLAGS.model, inference=True)
+  cfg, weights = m.cfg, m.weights
   n = FLAGS.new_tokens
   sc = sampling.SamplingConfig(max_new_tokens=n)
   prefill = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t, fresh_cache=True,
                                                       logits="last"))
   print("| batch | stacked ms/token | by-layer ms/token | speed-up median [q25, q75] | [min, max] |")
   print("|---|---|---|---|---|")
-  for b in (int(x) for x in FLAGS.batches):
+  for b in batches:
     out = prefill(weights, KVCache.init(cfg, b, FLAGS.context + n),
                   jnp.ones((b, FLAGS.context), jnp.int32))
     variants = {
@@ -68,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,7 +22,9 @@ import re
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 flags.DEFINE_integer("batch", 1, "Rows decoded per step.")
 flags.DEFINE_integer("context", 200, "Filled cache slots before the step.")
@@ -41,11 +43,11 @@ def main(argv):
 
   from diffmas_jax import kv_cache, model as model_lib
   from diffmas_jax.kv_cache import KVCache
-  from diffmas_jax.loading import load_model
+  from diffmas_jax.loading import check_source
 
-  m = load_model(FLAGS.model)
-  cfg, weights = m.cfg, model_lib.per_layer(m.weights)
-  m.weights = None
+  cli.check_all(lambda: check_source(FLAGS.model))
+  m = cli.load_reported(FLAGS.model, inference=True)
+  cfg, weights = m.cfg, m.weights
   b = FLAGS.batch
   cache = KVCache.init(cfg, b, FLAGS.context + 128)
   prefill = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t, fresh_cache=True,
@@ -84,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,7 +26,7 @@ class LayerBuffer(NamedTuple):
   """
 
   index: jax.Array  # [] int32 layer index
-  buffers: tuple  # L arrays [B, K, S, Dh]
+  buffers: tuple  # L arrays of one shape (a weight matrix, or [B, K, S, Dh] keys / values)
 
   @property
   def shape(self) -> tuple[int, ...]:
