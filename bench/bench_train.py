@@ -70,12 +70,14 @@ def _encoded(tokenizer, roles):
 def _setup_jax(hf_dir, roles):
   import jax
   import ml_collections as mlc
-  from diffmas_jax import agents, lora as lora_lib, topology, train
+  from diffmas_jax import agents, lora as lora_lib, model as model_lib, topology, train
   from diffmas_jax.kv_cache import KVCache
   from diffmas_jax.loading import load_model
   from diffmas_jax.methods.latent_mas import trace_capacity
 
   m = load_model(hf_dir, remat=FLAGS.train_remat)
+  # The layout the trainer steps on when no weight is split (trainer.train_layout).
+  m.weights = model_lib.per_layer(m.weights)
   enc = _encoded(m.tokenizer, roles)
   batch = enc.take([0])
   spec = topology.TraceSpec((STEPS,) * len(roles))

@@ -14,16 +14,10 @@ shows up by name.
 
 from __future__ import annotations
 
-import collections
-import glob
-import gzip
-import json
-import re
-import tempfile
-import time
 
 from absl import flags
 
+from bench import xla_trace
 from launch import cli
 
 flags.DEFINE_integer("batch", 1, "Rows decoded per step.")
@@ -59,30 +53,9 @@ def main(argv):
   step = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t, logits="last").logits)
   for _ in range(3):
     step(weights, cache, token).block_until_ready()
-  # Result shape of every HLO instruction, so each traced name says what it computes.
-  hlo = step.lower(weights, cache, token).compile().as_text()
-  shapes = dict(re.findall(r"%([\w.-]+) = (\S+) ", hlo))
-  trace_dir = tempfile.mkdtemp(prefix="profile_step_")
-  with jax.profiler.trace(trace_dir):
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.steps):
-      step(weights, cache, token).block_until_ready()
-    wall = (time.perf_counter() - t0) / FLAGS.steps * 1e3
-  path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
-  events = json.load(gzip.open(path))["traceEvents"]
-  total = collections.defaultdict(lambda: [0, 0.0])  # name -> [calls, microseconds]
-  for e in events:
-    if e.get("ph") == "X":
-      total[e["name"]][0] += 1
-      total[e["name"]][1] += e["dur"]
-  n = FLAGS.steps
-  print(f"batch {b}, {FLAGS.context}-slot context: {wall:.2f} ms per step (traced)")
-  print("| operation | result | ms / step | calls / step |\n|---|---|---|---|")
-  skip = ("ThunkExecutor", "$", "Pjit", "CommonPjRt", "SlinkyThreadPool")
-  rows = [(k, v) for k, v in total.items() if not k.startswith(skip) and not k.startswith("while")]
-  for name, (calls, us) in sorted(rows, key=lambda kv: -kv[1][1])[:FLAGS.top]:
-    print(f"| {name} | {shapes.get(name, '')[:40]} | {us / n / 1e3:.3f} | {calls / n:.0f} |")
-  print(f"trace: {trace_dir} (open in Perfetto or TensorBoard)")
+  wall, rows, trace_dir = xla_trace.op_rows(step, (weights, cache, token), FLAGS.steps)
+  print(f"batch {b}, {FLAGS.context}-slot context: {wall * 1e3:.2f} ms per step (traced)")
+  print(xla_trace.format_rows(rows, FLAGS.top, trace_dir))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,35 @@ class PerLayerMatrix(L.LayerBuffer):
 
   def matmul(self, x2: jax.Array) -> jax.Array:
     """[N, in] @ (the indexed layer's weight as [in, out]) -> [N, out]."""
-    return self.apply(lambda w, x2: _matmul_2d(x2, w), x2)
+    return _per_layer_matmul(self.index, x2, self.buffers)
+
+
+# Under reverse-mode AD a plain switch makes each step's weight a residual of the
+# scan (JAX stacks it per iteration: a copy of every weight, then a slice per
+# layer). Here the residuals are the buffers themselves, which JAX hoists out of
+# the scan as loop-invariant, and the backward is a switch over `g @ w^T`.
+# The buffers are frozen (inference, LoRA training): differentiating them raises.
+@jax.custom_vjp
+def _per_layer_matmul(index: jax.Array, x2: jax.Array, buffers: tuple) -> jax.Array:
+  product = lambda w, x2: _matmul_2d(x2, w)
+  return jax.lax.switch(index, [functools.partial(product, b) for b in buffers], x2)
+
+
+def _per_layer_matmul_fwd(index, x2, buffers):
+  if any(b.perturbed for b in buffers):
+    raise TypeError("per-layer weights (model.per_layer) are frozen: take gradients w.r.t. "
+                    "the stacked layout (model.stacked) to train the base weights")
+  index, x2, buffers = index.value, x2.value, tuple(b.value for b in buffers)
+  return _per_layer_matmul(index, x2, buffers), (index, buffers)
+
+
+def _per_layer_matmul_bwd(res, g):
+  index, buffers = res
+  x_grad = lambda w, g: g @ w.reshape(-1, g.shape[1]).T
+  return None, jax.lax.switch(index, [functools.partial(x_grad, b) for b in buffers], g), None
+
+
+_per_layer_matmul.defvjp(_per_layer_matmul_fwd, _per_layer_matmul_bwd, symbolic_zeros=True)
 
 
 def _matmul_2d(x2: jax.Array, w: jax.Array) -> jax.Array:
@@ -350,9 +378,11 @@ def per_layer(weights: Weights) -> Weights:
   latent step reads the weights about three times (slice read, copy write,
   matvec read); separate buffers are read once. `forward` still runs one layer
   scan: each projection picks its layer's buffer with `lax.switch`
-  (PerLayerMatrix), so the layer body is compiled once. Build once (outside jit)
-  and keep only this copy for inference; the stacked layout stays for training,
-  sharding and conversion. Idempotent; `stacked` is the inverse.
+  (PerLayerMatrix), so the layer body is compiled once. Build once, outside jit
+  (inside, XLA re-stacks the slices), and keep only this copy: inference and the
+  LoRA train step on unsplit weights use it (trainer.train_layout; these buffers
+  are frozen under jax.grad); the stacked layout stays for weights split over
+  devices, full fine-tuning and conversion. Idempotent; `stacked` is the inverse.
 
   Unless a matrix is split over devices (tensor parallel), q, k, v are fused
   into one [D, K, G + 2, Dh] buffer held in `q` (each kv head's G query heads,

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from diffmas_jax import ablations, agents, c2c, checkpoint, data, lora as lora_lib, multihost
-from diffmas_jax import paths, prompts
+from diffmas_jax import model as model_lib, paths, prompts
 from diffmas_jax import sharding, topology
 from diffmas_jax import train as train_lib
 from diffmas_jax.kv_cache import KVCache
@@ -173,6 +173,21 @@ def _compiled(fn, *args):
   return out
 
 
+def train_layout(weights, shardings, replicated: NamedSharding):
+  """(weights, their shardings) for the train step: per-layer buffers
+  (model.per_layer) when no weight is split over devices, else unchanged.
+
+  The latent steps' matrix-vector products (forward, recomputed and backward)
+  then read each layer's weights where they lie instead of XLA:CPU copying the
+  layer's slice out of the stack first (docs/performance.md). Weights split over
+  devices (tensor parallel, FSDP) keep the stacked layout their shardings describe.
+  """
+  if not all(a.sharding.is_fully_replicated for a in jax.tree.leaves(weights)):
+    return weights, shardings
+  weights = jax.device_put(model_lib.per_layer(weights), replicated)
+  return weights, jax.tree.map(lambda _: replicated, weights)
+
+
 def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.Mesh,
                  show_progress: bool = True) -> TrainResult:
   """Trains the configured adapters; resumable (see module docstring)."""
@@ -211,7 +226,10 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   multihost.barrier("weights_loaded")  # the first cross-process transfers follow
   # A no-op (same arrays) when the model was loaded with load_model(..., mesh=mesh), as the
   # launcher does; otherwise the caller's unsharded copy stays alive beside this one.
-  weights = sharding.shard(model.weights, sharding.weight_shardings(model.cfg, mesh))
+  weights_sh = sharding.weight_shardings(model.cfg, mesh)
+  weights = sharding.shard(model.weights, weights_sh)
+  weights, weights_sh = train_layout(weights, weights_sh, replicated)
+  model.weights = weights  # keep one copy: every later consumer takes either layout
   rows = agents.realign_row_count(cfg.agents.get("realign_rows", "tokenizer"),
                                   getattr(model.tokenizer, "vocab_size", None),
                                   model.cfg.vocab_size)
@@ -230,7 +248,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
     step_cfg = dataclasses.replace(step_cfg, objective=objective)
   step_fn = train_lib.make_train_step(
       optimizer, schedule, step_cfg,
-      shardings=dict(state=state_sh, weights=sharding.weight_shardings(model.cfg, mesh),
+      shardings=dict(state=state_sh, weights=weights_sh,
                      cache=cache_sh, batch=batch_sh, realigner=replicated,
                      replicated=replicated))
   make_cache = jax.jit(lambda: KVCache.init(model.cfg, plan.per_call, capacity,

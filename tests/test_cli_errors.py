@@ -155,6 +155,12 @@ def test_generate_convert_bench_share_the_error_style(tmp_path):
   assert "not a directory" in err and "--dtype=int3" in err and "Traceback" not in err
   err = _launch("launch.bench", "--suites=core,fast", rc=2)
   assert "error: --suites: unknown suite(s) ['fast']" in err
+  for tool, bad in (("bench.bench_train_layout", "--rounds=0"), ("bench.profile_train",
+                                                                   "--steps=0")):
+    err = _launch(tool, "--train_hf_dir=./no_such_model", bad, rc=2)
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "no_such_model" in err and bad in err, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("launcher", ["probe", "relay"])

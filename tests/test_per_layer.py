@@ -147,3 +147,36 @@ def test_layer_body_is_compiled_once(qwen3):
   assert per.count("stablehlo.case") == 4
   dots = lambda text: text.count("stablehlo.dot_general")
   assert dots(per) - dots(scan) == 4 * cfg.num_layers - len(model_lib.PROJ_EQ)
+
+
+def test_latent_step_gradients_keep_weights_where_they_lie(qwen3):
+  """Reverse mode through latent steps on per-layer weights: the same LoRA gradients as the
+  stacked layout, and no stacked [L, ...] copy of any weight (a plain switch would make
+  each step's weight a residual that JAX stacks over the layer scan); the per-layer
+  buffers themselves are frozen."""
+  cfg, weights = qwen3
+  cfg = cfg.replace(remat="attn")
+  per = model_lib.per_layer(weights)
+  lo = lora_lib.init_lora(cfg, lora_lib.LoraConfig(rank=2), jax.random.key(1))
+  lo = dataclasses.replace(lo, b=jax.tree.map(lambda b: b + 0.1, lo.b))
+  realigner = agents.make_realigner(weights)
+  tokens = jnp.asarray(np.arange(12).reshape(2, 1, 6) % cfg.vocab_size)
+  valid = jnp.ones_like(tokens, bool)
+
+  def loss(lora, w):
+    cache, h = agents.build_trace(w, cfg, KVCache.init(cfg, 1, 30), tokens, valid, realigner,
+                                  steps=3, lora=lora)
+    return jnp.mean(h ** 2) + jnp.mean(cache.k ** 2)
+
+  grad = jax.jit(jax.value_and_grad(loss))
+  (l_per, g_per), (l_st, g_st) = grad(lo, per), grad(lo, weights)
+  np.testing.assert_allclose(float(l_per), float(l_st), rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(g_per), jax.tree.leaves(g_st)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5 * np.abs(y).max())
+  hlo = grad.lower(lo, per).as_text()
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  for shape in ((d, 2 * f), (f, d)):  # gate|up, down
+    stacked_type = f"tensor<{cfg.num_layers}x{shape[0]}x{shape[1]}xf32>"
+    assert stacked_type not in hlo, stacked_type
+  with pytest.raises(TypeError, match="frozen"):
+    jax.grad(lambda w: loss(lo, w))(per)

@@ -128,16 +128,18 @@ def _run_steps(mode, enc, spec, steps, tc, mesh=None, batch_size=4):
     make_cache = lambda: KVCache.init(CFG, batch_size, capacity)
   else:
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from diffmas_jax import sharding
+    from diffmas_jax import sharding, trainer
     rep = NamedSharding(mesh, P())
     w_sh = sharding.weight_shardings(CFG, mesh)
+    # The trainer's layout: per-layer buffers unless a weight is split over devices.
+    weights, w_sh = trainer.train_layout(sharding.shard(WEIGHTS, w_sh), w_sh, rep)
     cache_sh = sharding.cache_shardings(KVCache.init(CFG, batch_size, 1), mesh)
     b_sh = sharding.batch_shardings(mesh, batch)
     state = jax.device_put(state, rep)
     step = train.make_train_step(opt, sched, sc, dict(
         state=jax.tree.map(lambda _: rep, state), weights=w_sh, cache=cache_sh, batch=b_sh,
         realigner=rep, replicated=rep))
-    weights, realigner = sharding.shard(WEIGHTS, w_sh), jax.device_put(REALIGNER, rep)
+    realigner = jax.device_put(REALIGNER, rep)
     jb = jax.device_put(batch, b_sh)
     make_cache = jax.jit(lambda: KVCache.init(CFG, batch_size, capacity), out_shardings=cache_sh)
   losses = []
@@ -163,6 +165,30 @@ def test_sharded_step_equals_single_device():
   for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(single.params.solver.b))
+
+
+def test_data_parallel_step_on_per_layer_weights_equals_single_device():
+  """Replicated weights (data parallel only): the trainer steps on per-layer buffers
+  (trainer.train_layout) and reaches the stacked single-device step's adapters; split
+  weights (tensor parallel) keep the stacked layout."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from diffmas_jax import sharding, trainer
+  from diffmas_jax.sharding import make_mesh
+  tp = make_mesh(data=4, tensor=2)
+  kept, _ = trainer.train_layout(sharding.shard(WEIGHTS, sharding.weight_shardings(CFG, tp)),
+                                 sharding.weight_shardings(CFG, tp), NamedSharding(tp, P()))
+  assert not isinstance(kept.layers, tuple)
+  dp = make_mesh(data=4, devices=jax.devices()[:4])
+  per, sh = trainer.train_layout(sharding.shard(WEIGHTS, sharding.weight_shardings(CFG, dp)),
+                                 sharding.weight_shardings(CFG, dp), NamedSharding(dp, P()))
+  assert isinstance(per.layers, tuple) and all(s.is_fully_replicated for s in jax.tree.leaves(sh))
+  enc, spec = _batch(num_agents=2, steps=2, n=4)
+  tc = _train_cfg(grad_accum=1)
+  single, l1 = _run_steps("shared", enc, spec, 2, tc)
+  parallel, l2 = _run_steps("shared", enc, spec, 2, tc, mesh=dp)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(parallel.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_gradient_accumulation_applies_every_k_micro_steps():
