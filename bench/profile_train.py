@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 
 
 def matrix_shapes(weights) -> set[str]:
-  """Every weight matrix as the 2-D f32[in,out] a product reads, stacked and fused layouts."""
+  """Every weight matrix as the 2-D "in,out" a product reads, stacked and fused layouts."""
   from diffmas_jax import model as model_lib
   out = set()
   for layout in (model_lib.stacked(weights), model_lib.per_layer(weights)):
@@ -40,7 +40,7 @@ def matrix_shapes(weights) -> set[str]:
         continue
       shape = w.shape if isinstance(layout.layers, tuple) else w.shape[1:]
       n_in = model_lib._num_contracted(eq)
-      out.add(f"{w.dtype}[{math.prod(shape[:n_in])},{math.prod(shape[n_in:])}]")
+      out.add(f"{math.prod(shape[:n_in])},{math.prod(shape[n_in:])}")
   return out
 
 
@@ -73,7 +73,8 @@ def main(argv):
   seconds, rows, trace_dir = op_rows(one_step, (m.weights, make_cache(), batch, realigner),
                                      FLAGS.steps)
   shapes = matrix_shapes(m.weights)
-  copies = [r for r in rows if "dynamic-slice" in r[0] and r[1].split("{")[0] in shapes]
+  dims = lambda shape: shape.split("{")[0].partition("[")[2].rstrip("]")  # f32[a,b]{..} -> a,b
+  copies = [r for r in rows if "dynamic-slice" in r[0] and dims(r[1]) in shapes]
   print(f"{FLAGS.layout} weights, layer remat {FLAGS.train_remat}, {positions} positions: "
         f"{seconds:.2f} s per traced step; {len(copies)} weight-slice copy operations "
         f"({sum(r[3] for r in copies):.0f} runs, {sum(r[2] for r in copies):.0f} ms per step)")
