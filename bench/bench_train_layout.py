@@ -31,8 +31,8 @@ def main(argv):
 
   from bench import model_dir
   from diffmas_jax import model as model_lib
-
   from diffmas_jax.loading import check_source
+
   cli.check_all(lambda: FLAGS.train_hf_dir and check_source(FLAGS.train_hf_dir),
                 lambda: cli.check_value(FLAGS.rounds >= 1, f"--rounds={FLAGS.rounds}: run at "
                                         "least 1 round"))

@@ -14,7 +14,6 @@ shows up by name.
 
 from __future__ import annotations
 
-
 from absl import flags
 
 from bench import xla_trace
@@ -53,7 +52,9 @@ def main(argv):
   step = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t, logits="last").logits)
   for _ in range(3):
     step(weights, cache, token).block_until_ready()
-  wall, rows, trace_dir = xla_trace.op_rows(step, (weights, cache, token), FLAGS.steps)
+  hlo = step.lower(weights, cache, token).compile().as_text()
+  wall, rows, trace_dir = xla_trace.op_rows(lambda: step(weights, cache, token), hlo,
+                                            FLAGS.steps)
   print(f"batch {b}, {FLAGS.context}-slot context: {wall * 1e3:.2f} ms per step (traced)")
   print(xla_trace.format_rows(rows, FLAGS.top, trace_dir))
 

@@ -61,17 +61,16 @@ def main(argv):
         hf_dir, bench_train.ROLES)
   if FLAGS.layout == "stacked":
     m.weights = model_lib.stacked(m.weights)
-  state, metrics = step(state, m.weights, make_cache(), batch, realigner)  # compile, warm up
-  jax.block_until_ready(metrics)
+  cache = make_cache()
+  hlo = step.lower(state, m.weights, cache, batch, realigner).compile().as_text()
   holder = {"state": state}
 
-  def one_step(weights, cache, batch, realigner):  # threads the (donated) state through
-    holder["state"], metrics = step(holder["state"], weights, cache, batch, realigner)
+  def one_step():  # threads the (donated) state through the calls
+    holder["state"], metrics = step(holder["state"], m.weights, cache, batch, realigner)
     return metrics
 
-  one_step.lower = lambda *args: step.lower(holder["state"], *args)
-  seconds, rows, trace_dir = op_rows(one_step, (m.weights, make_cache(), batch, realigner),
-                                     FLAGS.steps)
+  jax.block_until_ready(one_step())  # compile, warm up
+  seconds, rows, trace_dir = op_rows(one_step, hlo, FLAGS.steps)
   shapes = matrix_shapes(m.weights)
   dims = lambda shape: shape.split("{")[0].partition("[")[2].rstrip("]")  # f32[a,b]{..} -> a,b
   copies = [r for r in rows if "dynamic-slice" in r[0] and dims(r[1]) in shapes]

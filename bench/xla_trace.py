@@ -12,23 +12,25 @@ import json
 import re
 import tempfile
 import time
+from typing import Any, Callable
 
 
-def op_rows(fn, args: tuple, steps: int) -> tuple[float, list[tuple[str, str, float, float]], str]:
-  """Traces `steps` calls of the jitted `fn(*args)` (compiled already) with jax.profiler.
+def op_rows(run: Callable[[], Any], hlo: str, steps: int
+            ) -> tuple[float, list[tuple[str, str, float, float]], str]:
+  """Traces `steps` calls of `run()` (a compiled jitted call) with jax.profiler.
 
+  `hlo`: the compiled module's text (`jitted.lower(...).compile().as_text()`), for the
+  result shape of every instruction, so each traced name says what it computes.
   Returns (seconds per call, rows, trace directory); rows are (XLA operation, its result
   shape, ms per call summed over loops, executions per call), slowest first.
   """
   import jax
-  # Result shape of every HLO instruction, so each traced name says what it computes.
-  hlo = fn.lower(*args).compile().as_text()
   shapes = dict(re.findall(r"%([\w.-]+) = (\S+) ", hlo))
   trace_dir = tempfile.mkdtemp(prefix="profile_step_")
   with jax.profiler.trace(trace_dir):
     t0 = time.perf_counter()
     for _ in range(steps):
-      jax.block_until_ready(fn(*args))
+      jax.block_until_ready(run())
     wall = (time.perf_counter() - t0) / steps
   path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
   events = json.load(gzip.open(path))["traceEvents"]

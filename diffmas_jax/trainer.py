@@ -225,7 +225,7 @@ def run_training(cfg: Any, model: LoadedModel, workdir: str, mesh: jax.sharding.
   cache_sh = sharding.cache_shardings(KVCache.init(model.cfg, plan.per_call, 1), mesh)
   multihost.barrier("weights_loaded")  # the first cross-process transfers follow
   # A no-op (same arrays) when the model was loaded with load_model(..., mesh=mesh), as the
-  # launcher does; otherwise the caller's unsharded copy stays alive beside this one.
+  # launcher does; otherwise a copy the caller holds elsewhere stays alive beside this one.
   weights_sh = sharding.weight_shardings(model.cfg, mesh)
   weights = sharding.shard(model.weights, weights_sh)
   weights, weights_sh = train_layout(weights, weights_sh, replicated)
