@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from diffmas_jax.config import ModelConfig
 
@@ -176,7 +177,8 @@ def _attend_fwd(qc, k, v, mask, g):
   # Normalising the [G*T, Dh] output is cheaper than normalising [G*T, S] probabilities.
   out = (jnp.matmul(p.astype(v.dtype), v, preferred_element_type=jnp.float32) / total)
   out = out.astype(v.dtype)
-  return out, (qc, k, v, mask, out, m, total)
+  m, total = checkpoint_name(m, "attn_stats"), checkpoint_name(total, "attn_stats")
+  return out, (qc, k, v, mask, checkpoint_name(out, "attn_stats"), m, total)
 
 
 def _attend_bwd(g, res, d_out):
@@ -204,23 +206,34 @@ def _attend_bwd(g, res, d_out):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          chunk: int = 256) -> jax.Array:
-  """Attention of T new tokens to themselves only, skipping blocks above the diagonal.
+# Queries per attention block of a multi-token pass (see causal_attention).
+QUERY_CHUNK = 128
 
-  Valid when nothing else is attended to (a prefill into an empty cache) and the
-  tokens are in order (masks from positions are causal, so query chunk i never
-  sees keys after its own end). Halves prefill attention work for long prompts.
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     context: list[tuple[Any, Any, jax.Array]] = (),
+                     chunk: int | None = None) -> jax.Array:
+  """Attention of T new tokens to read-only `context` blocks and to themselves.
+
+  The queries run in chunks: chunk i attends to the context and to the new keys
+  up to its own end only. Valid when the new tokens are in position order (masks
+  from positions are causal, so no query sees a later new key): the blocks above
+  the diagonal are skipped, and each chunk's [G * chunk, S] scores stay small
+  enough for the CPU caches (the train step's 634-token solver pass over a
+  1033-slot trace: 1.6-1.8x faster forward + backward than one block).
 
   Args:
-    q: [B, T, H, Dh]; k, v: [B, K, T, Dh]; mask: [B, T, T].
+    q: [B, T, H, Dh]; k, v: [B, K, T, Dh] the new tokens' keys and values;
+    mask: [B, T, T] their causal mask; context: (k, v, mask [B, T, S_i]) blocks;
+    chunk: queries per block (default QUERY_CHUNK).
   """
-  t = q.shape[1]
+  t, chunk = q.shape[1], chunk or QUERY_CHUNK
   if t <= chunk:
-    return attention(q, [(k, v, mask)])
+    return attention(q, [*context, (k, v, mask)])
   outs = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)
-    outs.append(attention(q[:, start:end], [(k[:, :, :end], v[:, :, :end],
-                                             mask[:, start:end, :end])]))
+    blocks = [(ck, cv, cm[:, start:end]) for ck, cv, cm in context]
+    blocks.append((k[:, :, :end], v[:, :, :end], mask[:, start:end, :end]))
+    outs.append(attention(q[:, start:end], blocks))
   return jnp.concatenate(outs, axis=1)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from diffmas_jax import layers as L
@@ -31,10 +32,12 @@ REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    # Named activations (see _layer): keep the attention output, recompute the rest.
-    "attn": _save("attn_out"),
+    # Named activations (see _layer): keep the attention output and its softmax
+    # statistics (layers._attend_fwd: row max and sum, O(T) per head), recompute the
+    # rest; the backward pass then rescores once instead of re-running the forward.
+    "attn": _save("attn_out", "attn_stats"),
     # ... and the MLP's gate/up projections: only q/k/v and norms are recomputed.
-    "attn_mlp": _save("attn_out", "mlp_gate", "mlp_up"),
+    "attn_mlp": _save("attn_out", "attn_stats", "mlp_gate", "mlp_up"),
 }
 
 # Projection einsums (weights are [*in, *out]; LoRA adds scale * (x @ A) @ B on the flattened dims).
@@ -209,13 +212,12 @@ def _layer(cfg: ModelConfig, inv_freq, positions, masks, x, lw, lora_layer, k_ca
     # [B, K, T, Dh], the cache's layout
     k = jnp.swapaxes(L.apply_rope(k, positions, inv_freq), 1, 2).astype(k_cache.dtype)
     v = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
-    if fresh_cache:  # nothing to attend to in the cache: causal self-attention only
-      attn = L.causal_self_attention(q, k, v, self_mask)
-    else:
-      blocks = [(k_cache, v_cache, cache_mask), (k, v, self_mask)]
+    context = []  # fresh_cache: nothing to attend to in the cache
+    if not fresh_cache:
+      context = [(k_cache, v_cache, cache_mask)]
       if context_kv is not None:
-        blocks.insert(0, (*context_kv, context_mask))
-      attn = L.attention(q, blocks)
+        context.insert(0, (*context_kv, context_mask))
+    attn = L.causal_attention(q, k, v, self_mask, context)
     attn = checkpoint_name(attn, "attn_out")
     x = x + _project(attn, lw.o, "o", lora_layer)
   with jax.named_scope("mlp"):
@@ -264,6 +266,8 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     embeds: [B, T, D] input embeddings (latent steps); exactly one of the two.
     valid: [B, T] bool, False for (left) padding; default all True.
     positions: [B, T] explicit RoPE positions (-1 = padding); default continues each row.
+      Over each row's valid tokens they must increase along T (attention runs in
+      causal query chunks, layers.causal_attention); checked when not traced.
     lora: optional adapters (applied unmerged).
     logits: "all" -> [B, T, V]; "last" -> [B, 1, V] of the last column; "none".
     fresh_cache: static promise that the cache is empty and the new tokens are
@@ -361,6 +365,15 @@ def _check_inputs(cfg: ModelConfig, cache: KVCache, tokens, embeds, valid, posit
     chex.assert_shape(embeds, (None, None, cfg.hidden_size))
     bt = embeds.shape[:2]
   chex.assert_shape([x for x in (valid, positions) if x is not None], bt)
+  if positions is not None and not isinstance(positions, jax.core.Tracer):
+    pos = np.asarray(positions)
+    if valid is not None and not isinstance(valid, jax.core.Tracer):
+      pos = np.where(np.asarray(valid), pos, -1)
+    for row, p in enumerate(pos):
+      p = p[p >= 0]
+      if np.any(np.diff(p) <= 0):
+        raise ValueError(f"positions of row {row} do not increase along T ({p.tolist()[:16]}"
+                         "...): give each valid token a later position than the one before")
   if isinstance(cache.k, tuple):  # per-layer buffers (kv_cache.by_layer)
     if len(cache.k) != cfg.num_layers or len(cache.v) != cfg.num_layers:
       raise ValueError(f"per-layer cache has {len(cache.k)} layers, model {cfg.num_layers}")

@@ -161,6 +161,9 @@ def test_generate_convert_bench_share_the_error_style(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 2 and "no_such_model" in err and bad in err, err
     assert "Traceback" not in err
+  err = _launch("bench.bench_attention", "--chunks=a,0", "--rounds=0", rc=2)
+  lines = err.strip().splitlines()
+  assert len(lines) == 2 and "--rounds=0" in lines[0] and "--chunks=a,0" in lines[1], err
 
 
 @pytest.mark.parametrize("launcher", ["probe", "relay"])

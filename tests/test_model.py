@@ -185,6 +185,22 @@ def test_remat_keeps_values_and_gradients(qwen3, rng, remat):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_remat_attn_keeps_softmax_statistics(qwen3, rng):
+  """Layer remat `attn` saves the softmax row max and sum with the attention output:
+  the backward pass rescores once (as without remat) instead of re-running the
+  attention forward first."""
+  cfg, weights = qwen3
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, 6)))
+
+  def exps(remat):
+    loss = lambda w: jnp.mean(model_lib.forward_no_cache(w, cfg.replace(remat=remat), tokens))
+    return jax.jit(jax.grad(loss)).lower(weights).as_text().count("stablehlo.exponential")
+
+  # `full` re-runs the layer forward in the backward pass: its softmax and SiLU
+  # exponentials; `attn` and `attn_mlp` only the SiLU's.
+  assert exps("attn") == exps("attn_mlp") == exps("full") - 1
+
+
 def test_cache_overflow_raises(qwen3):
   cfg, weights = qwen3
   with pytest.raises(ValueError, match="KV cache overflow"):
@@ -201,18 +217,40 @@ def test_bf16_params_run_close_to_f32(qwen3, rng):
   assert np.abs(np.asarray(out16) - np.asarray(out32)).max() < 0.1
 
 
-def test_chunked_causal_prefill_equals_full_attention(rng):
+def test_chunked_causal_attention_equals_one_block(rng):
+  """Query chunks over a read-only context and the new tokens equal one attention
+  block, values and gradients (prefills and the train step's solver pass run so)."""
   from diffmas_jax import layers as L
-  b, t, k_heads, g, e = 2, 11, 2, 3, 8
+  b, t, s, k_heads, g, e = 2, 11, 5, 2, 3, 8
   q = jnp.asarray(rng.randn(b, t, k_heads * g, e), jnp.float32)
-  k = jnp.asarray(rng.randn(b, k_heads, t, e), jnp.float32)
-  v = jnp.asarray(rng.randn(b, k_heads, t, e), jnp.float32)
-  pos = jnp.asarray(np.where(np.arange(t)[None] >= [[0], [3]], np.arange(t)[None] - [[0], [3]], -1))
-  mask = L.attention_mask(pos, pos)  # row 1 is left padded
-  full = L.attention(q, [(k, v, mask)])
-  chunked = L.causal_self_attention(q, k, v, mask, chunk=4)
+  k, v, ck, cv = (jnp.asarray(rng.randn(b, k_heads, n, e), jnp.float32) for n in (t, t, s, s))
+  idx = np.arange(t)[None]
+  pos = jnp.asarray(np.where(idx >= [[0], [3]], s + idx - [[0], [3]], -1))  # row 1 left padded
+  ctx_pos = jnp.asarray([[0, 1, 2, 3, -1], [0, 1, -1, 2, 3]])  # an empty context slot each
+  mask, ctx_mask = L.attention_mask(pos, pos), L.attention_mask(pos, ctx_pos)
   real = np.asarray(pos) >= 0  # padding queries attend to nothing; their output is unused
-  np.testing.assert_allclose(np.asarray(chunked)[real], np.asarray(full)[real], atol=1e-6)
+  weight = jnp.asarray(rng.randn(b, t, k_heads * g, e) * real[..., None, None], jnp.float32)
+
+  def full(q, k, v, ck, cv):
+    return L.attention(q, [(ck, cv, ctx_mask), (k, v, mask)])
+
+  def chunked(q, k, v, ck, cv):
+    return L.causal_attention(q, k, v, mask, [(ck, cv, ctx_mask)], chunk=4)
+
+  np.testing.assert_allclose(np.asarray(chunked(q, k, v, ck, cv))[real],
+                             np.asarray(full(q, k, v, ck, cv))[real], atol=1e-6)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weight), argnums=range(5))(q, k, v, ck, cv)
+           for f in (full, chunked)]
+  for a, c in zip(*grads):
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-5)
+
+
+def test_positions_out_of_order_are_refused(qwen3):
+  cfg, weights = qwen3
+  cache = KVCache.init(cfg, 1, 8)
+  with pytest.raises(ValueError, match="positions of row 0 do not increase"):
+    model_lib.forward(weights, cfg, cache, tokens=jnp.ones((1, 3), jnp.int32),
+                      positions=jnp.asarray([[0, 2, 1]]))
 
 
 def test_fresh_cache_prefill_equals_general_path(qwen3, rng):
