@@ -15,11 +15,11 @@ each round's ratio one-block / chunked, and the largest output difference.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from absl import flags
 
+from bench.stats import fmt, ratios
 from launch import cli
 
 flags.DEFINE_integer("queries", 634, "New tokens T (queries).")
@@ -72,16 +72,15 @@ def main(argv):
       start = time.perf_counter()
       jax.block_until_ready(f(q, k, v))
       times[chunk].append(1e3 * (time.perf_counter() - start))
-  fmt = lambda xs, unit="": f"{statistics.median(xs):.2f}{unit} [{min(xs):.2f}, {max(xs):.2f}]"
   base = times[chunks[0]]
   print(f"\n## attention forward + backward, {t} queries over {c} context slots + themselves, "
         f"{HEADS}/{KV_HEADS} heads of {HEAD_DIM}, {FLAGS.rounds} interleaved rounds")
   print(f"| queries per block | ms per call | {chunks[0] or 'one block'} / this, per round | "
         "max |out - first| |\n|---|---|---|---|")
   for chunk in chunks:
-    ratio = [a / b for a, b in zip(base, times[chunk])]
     diff = float(np.max(np.abs(outs[chunk] - outs[chunks[0]])))
-    print(f"| {chunk or 'one block'} | {fmt(times[chunk])} | {fmt(ratio, 'x')} | {diff:.1e} |")
+    print(f"| {chunk or 'one block'} | {fmt(times[chunk], 2)} | "
+          f"{fmt(ratios(base, times[chunk]), 2, 'x')} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

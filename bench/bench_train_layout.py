@@ -13,12 +13,12 @@ median [min, max] seconds, the per-round speed-up (stacked / per-layer) as media
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from absl import flags
 
 from bench import bench_train
+from bench.stats import fmt, ratios
 from launch import cli
 
 flags.DEFINE_integer("rounds", 6, "Interleaved rounds (one step per layout each).")
@@ -59,15 +59,13 @@ def main(argv):
       r["losses"].append(float(metrics["loss"]))
     print(f"round {i + 1}/{FLAGS.rounds}: stacked {runs['stacked']['seconds'][-1]:.2f} s, "
           f"per-layer {runs['per_layer']['seconds'][-1]:.2f} s", flush=True)
-  fmt = lambda xs, unit="": (f"{statistics.median(xs):.2f}{unit} "
-                             f"[{min(xs):.2f}, {max(xs):.2f}]")
-  speedup = [a / b for a, b in zip(runs["stacked"]["seconds"], runs["per_layer"]["seconds"])]
+  speedup = ratios(runs["stacked"]["seconds"], runs["per_layer"]["seconds"])
   print(f"\n## train step, layer remat {FLAGS.train_remat}: stacked vs per-layer weights, "
         f"{FLAGS.rounds} interleaved rounds (median [min, max])")
   print("| layout | s/step | first call s | loss after the rounds |\n|---|---|---|---|")
   for layout, r in runs.items():
-    print(f"| {layout} | {fmt(r['seconds'])} | {r['first']:.1f} | {r['losses'][-1]:.6f} |")
-  print(f"speed-up per round (stacked / per-layer): {fmt(speedup, 'x')}")
+    print(f"| {layout} | {fmt(r['seconds'], 2)} | {r['first']:.1f} | {r['losses'][-1]:.6f} |")
+  print(f"speed-up per round (stacked / per-layer): {fmt(speedup, 2, 'x')}")
 
 
 if __name__ == "__main__":
