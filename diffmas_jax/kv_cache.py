@@ -29,7 +29,8 @@ CACHE_AXES = {
 class KVCache:
   """k, v: [L, B, K, S, Dh]; pos: [B, S] int32 (-1 empty); end: [] int32 write index.
 
-  (Inside decode loops k and v are tuples of L [B, K, S, Dh] buffers: `by_layer`.)
+  (Inside decode loops k and v are tuples of L [B, K, S, Dh] buffers, the keys
+  [B, K, Dh, S] when `keys_transposed`: `by_layer`.)
 
   Slots sit after the kv-head axis (as in HF caches) so decode attention reads
   each head's keys contiguously, with no per-step transpose of the cache.
@@ -42,6 +43,8 @@ class KVCache:
   v: Any
   pos: Any
   end: Any
+  # by_layer(transpose_keys=True): each layer's keys are stored [B, K, Dh, S].
+  keys_transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=None,
@@ -97,25 +100,34 @@ class KVCache:
     return dataclasses.replace(self, pos=jnp.where(keep_mask, self.pos, -1))
 
 
-def by_layer(cache: KVCache) -> KVCache:
+def by_layer(cache: KVCache, transpose_keys: bool = False) -> KVCache:
   """The cache with k, v as tuples of per-layer [B, K, S, Dh] buffers (one copy).
 
   For decode loops: `model.forward` then reads each layer's keys and values where
   they lie (layers.LayerBuffer) instead of slicing them out of the stack every
   step, and writes each new token into its layer's buffer in place. Only
   single-token steps avoid the copy; `stacked` is the inverse. Idempotent.
+
+  `transpose_keys` stores each layer's keys [B, K, Dh, S] (`keys_transposed`):
+  a single query's scores are then `[G, Dh] x [Dh, S]`, wide along the slots,
+  instead of `[S, Dh] x [Dh, G]` with G (query heads per kv head) columns.
   """
   if isinstance(cache.k, tuple):
+    if cache.keys_transposed != transpose_keys:
+      return by_layer(stacked(cache), transpose_keys)
     return cache
   split = lambda buf: tuple(buf[i] for i in range(buf.shape[0]))
-  return dataclasses.replace(cache, k=split(cache.k), v=split(cache.v))
+  k = jnp.swapaxes(cache.k, -1, -2) if transpose_keys else cache.k
+  return dataclasses.replace(cache, k=split(k), v=split(cache.v), keys_transposed=transpose_keys)
 
 
 def stacked(cache: KVCache) -> KVCache:
   """Inverse of `by_layer` (idempotent)."""
   if not isinstance(cache.k, tuple):
     return cache
-  return dataclasses.replace(cache, k=jnp.stack(cache.k), v=jnp.stack(cache.v))
+  k = jnp.stack(cache.k)
+  k = jnp.swapaxes(k, -1, -2) if cache.keys_transposed else k
+  return dataclasses.replace(cache, k=k, v=jnp.stack(cache.v), keys_transposed=False)
 
 
 def concat(caches: Sequence[KVCache], capacity: int | None = None) -> KVCache:

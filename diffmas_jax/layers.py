@@ -42,6 +42,15 @@ class LayerBuffer(NamedTuple):
     return jax.lax.switch(self.index, [functools.partial(fn, b) for b in self.buffers], *args)
 
 
+class TransposedKeys(LayerBuffer):
+  """Per-layer key buffers stored [B, K, Dh, S] (`kv_cache.by_layer(transpose_keys=True)`).
+
+  A single query's scores are then a canonical `[G, Dh] x [Dh, S]` product, which
+  XLA:CPU runs wide along S; with keys [S, Dh] the product is `[S, Dh] x [Dh, G]`,
+  only G = 3 wide.
+  """
+
+
 def _apply(x: Any, fn: Callable[..., jax.Array], *args) -> jax.Array:
   """fn(x, *args) for an array or a LayerBuffer."""
   return x.apply(fn, *args) if isinstance(x, LayerBuffer) else fn(x, *args)
@@ -49,6 +58,8 @@ def _apply(x: Any, fn: Callable[..., jax.Array], *args) -> jax.Array:
 
 def _materialized(x: Any) -> jax.Array:
   """The array itself (a copy for a LayerBuffer: only multi-query attention needs it)."""
+  if isinstance(x, TransposedKeys):
+    return _apply(x, lambda b: jnp.swapaxes(b, -1, -2))
   return _apply(x, lambda b: b)
 
 
@@ -142,7 +153,9 @@ def _masked_scores(qc, k, mask, g, keys_left: bool = False):
   block and the [S, G*T] product are transposed.
   """
   b, kv_heads, gt, _ = qc.shape
-  if keys_left:
+  if isinstance(k, TransposedKeys):
+    s = _apply(k, lambda kt, q: jnp.matmul(q, kt, preferred_element_type=jnp.float32), qc)
+  elif keys_left:
     kq = lambda k, q_t: jnp.matmul(k, q_t, preferred_element_type=jnp.float32)
     s = jnp.swapaxes(_apply(k, kq, jnp.swapaxes(qc, -1, -2)), -1, -2)
   else:
@@ -156,10 +169,10 @@ def _attend_blocks(qc, blocks, g):
   scores = [_masked_scores(qc, k, mask, g, keys_left=True) for k, _, mask in blocks]
   probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
   out, offset = 0.0, 0
-  for k, v, _ in blocks:
-    p = probs[..., offset:offset + k.shape[2]].astype(v.dtype)
+  for _, v, _ in blocks:
+    p = probs[..., offset:offset + v.shape[2]].astype(v.dtype)
     out = out + _apply(v, lambda v, p: jnp.matmul(p, v), p)
-    offset += k.shape[2]
+    offset += v.shape[2]
   return out  # [B, K, G*T, Dh]
 
 

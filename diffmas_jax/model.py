@@ -319,7 +319,8 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     if matrices is not None:
       lw = dataclasses.replace(lw, **{n: PerLayerMatrix(i, bufs) for n, bufs in matrices.items()})
     if cache_by_layer:
-      k_l, v_l = L.LayerBuffer(i, cache.k), L.LayerBuffer(i, cache.v)
+      keys = L.TransposedKeys if cache.keys_transposed else L.LayerBuffer
+      k_l, v_l = keys(i, cache.k), L.LayerBuffer(i, cache.v)
     x, k, v = _layer(cfg, inv_freq, positions, masks, x, lw, lora_layer, k_l, v_l, fresh_cache,
                      ctx_l)
     return x, (k, v)
@@ -336,14 +337,17 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
   new_cache = cache
   if append:
     if cache_by_layer:  # each layer's buffer updated in place
-      write = lambda bufs, new: tuple(jax.lax.dynamic_update_slice_in_dim(
-          buf, new[i], cache.end, axis=2) for i, buf in enumerate(bufs))
+      write = lambda bufs, new, axis=2: tuple(jax.lax.dynamic_update_slice_in_dim(
+          buf, new[i], cache.end, axis=axis) for i, buf in enumerate(bufs))
+      k_written = (write(cache.k, jnp.swapaxes(k_new, -1, -2), 3) if cache.keys_transposed
+                   else write(cache.k, k_new))
     else:
       write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, cache.end, axis=3)
-    new_cache = KVCache(k=write(cache.k, k_new), v=write(cache.v, v_new),
+      k_written = write(cache.k, k_new)
+    new_cache = KVCache(k=k_written, v=write(cache.v, v_new),
                         pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, positions, cache.end,
                                                                 axis=1),
-                        end=cache.end + t)
+                        end=cache.end + t, keys_transposed=cache.keys_transposed)
   if logits == "all":
     out = lm_head(weights, hidden)
   elif logits == "last":
@@ -377,7 +381,10 @@ def _check_inputs(cfg: ModelConfig, cache: KVCache, tokens, embeds, valid, posit
   if isinstance(cache.k, tuple):  # per-layer buffers (kv_cache.by_layer)
     if len(cache.k) != cfg.num_layers or len(cache.v) != cfg.num_layers:
       raise ValueError(f"per-layer cache has {len(cache.k)} layers, model {cfg.num_layers}")
-    chex.assert_shape([*cache.k, *cache.v], (bt[0], cfg.num_kv_heads, None, cfg.head_dim))
+    keys = (bt[0], cfg.num_kv_heads, cfg.head_dim, None) if cache.keys_transposed else (
+        bt[0], cfg.num_kv_heads, None, cfg.head_dim)
+    chex.assert_shape(cache.k, keys)
+    chex.assert_shape(cache.v, (bt[0], cfg.num_kv_heads, None, cfg.head_dim))
   else:
     chex.assert_shape([cache.k, cache.v], (cfg.num_layers, bt[0], cfg.num_kv_heads, None,
                                            cfg.head_dim))

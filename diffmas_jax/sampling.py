@@ -59,7 +59,7 @@ def sample_token(logits: jax.Array, key: jax.Array, sc: SamplingConfig) -> jax.A
 
 def decode(weights: Weights, cfg: ModelConfig, cache: KVCache, last_logits: jax.Array,
            key: jax.Array, sc: SamplingConfig, lora: LoRA | None = None,
-           by_layer: bool = True) -> Generation:
+           by_layer: bool = True, transpose_keys: bool = True) -> Generation:
   """Decodes up to `sc.max_new_tokens` tokens after a prefill.
 
   Args:
@@ -69,6 +69,8 @@ def decode(weights: Weights, cfg: ModelConfig, cache: KVCache, last_logits: jax.
       reads every layer's keys and values in place instead of slicing them out of
       the stacked cache; one copy each way per call instead of one per layer per
       token. False keeps the stacked cache (bench/bench_decode_cache.py compares).
+    transpose_keys: with `by_layer`, store each layer's keys [B, K, Dh, S] for the
+      loop (layers.TransposedKeys), transposed in the same per-call copy.
   """
   b = last_logits.shape[0]
   n = sc.max_new_tokens
@@ -93,7 +95,7 @@ def decode(weights: Weights, cfg: ModelConfig, cache: KVCache, last_logits: jax.
     done = done | jnp.isin(tok, stop_ids)
     return i + 1, out.cache, out.logits[:, 0], done, key, toks, lps, ents
 
-  init = (jnp.int32(0), kv_cache.by_layer(cache) if by_layer else cache,
+  init = (jnp.int32(0), kv_cache.by_layer(cache, transpose_keys) if by_layer else cache,
           last_logits.astype(jnp.float32), jnp.zeros((b,), bool), key,
           jnp.full((b, n), sc.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
           jnp.zeros((b, n), jnp.float32))

@@ -101,24 +101,55 @@ def test_decode_and_latent_steps_equal_stacked(qwen3):
   _close(run(per), run(weights), atol=1e-5)
 
 
-def test_per_layer_cache_steps_equal_stacked(qwen3, rng):
+def test_decode_cache_layouts_agree(qwen3, rng):
+  """sampling.decode on the stacked cache, per-layer buffers and per-layer buffers with
+  transposed keys (the default): same tokens, log-probs and returned (stacked) cache."""
+  cfg, weights = qwen3
+  per = model_lib.per_layer(weights)
+  prompt = jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 6)))
+  out = model_lib.forward(per, cfg, KVCache.init(cfg, 3, 16), tokens=prompt, logits="last")
+  sc = sampling.SamplingConfig(max_new_tokens=8)
+  run = jax.jit(lambda c, l, by_layer, transpose_keys: sampling.decode(
+      per, cfg, c, l, jax.random.key(0), sc, by_layer=by_layer, transpose_keys=transpose_keys),
+      static_argnums=(2, 3))
+  ref = run(out.cache, out.logits[:, 0], False, False)
+  for layout in ((True, False), (True, True)):
+    got = run(out.cache, out.logits[:, 0], *layout)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+    assert not got.cache.keys_transposed and not isinstance(got.cache.k, tuple)
+    _close(got.logprobs, ref.logprobs, atol=1e-5)
+    _close(got.cache, ref.cache, atol=1e-5)
+
+
+@pytest.mark.parametrize("transpose_keys", [False, True])
+def test_per_layer_cache_steps_equal_stacked(qwen3, rng, transpose_keys):
   """Decode loops hold K/V as per-layer buffers (kv_cache.by_layer): single-token steps
   read each layer's buffer inside a switch branch instead of slicing the stacked cache,
-  several tokens at once still work, and what is written equals the stacked cache's."""
+  several tokens at once still work, and what is written equals the stacked cache's.
+  `transpose_keys` stores the keys [B, K, Dh, S]; writes land transposed."""
   cfg, weights = qwen3
   per = model_lib.per_layer(weights)
   prompt = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 5)))
   stacked = model_lib.forward(per, cfg, KVCache.init(cfg, 2, 12), tokens=prompt).cache
-  split = kv_cache.by_layer(stacked)
-  assert len(split.k) == cfg.num_layers and split.k[0].shape == stacked.k.shape[1:]
+  split = kv_cache.by_layer(stacked, transpose_keys)
+  key_shape = stacked.k.shape[1:]
+  if transpose_keys:
+    key_shape = (*key_shape[:2], key_shape[3], key_shape[2])
+  assert len(split.k) == cfg.num_layers and split.k[0].shape == key_shape
+  assert split.v[0].shape == stacked.v.shape[1:] and split.keys_transposed == transpose_keys
   _close(kv_cache.stacked(split), stacked, atol=0)
-  assert kv_cache.by_layer(split) is split and kv_cache.stacked(stacked) is stacked
+  assert kv_cache.by_layer(split, transpose_keys) is split
+  assert kv_cache.stacked(stacked) is stacked
+  # Asking for the other key layout converts instead of returning the cache as it is.
+  other = kv_cache.by_layer(split, not transpose_keys)
+  assert other.keys_transposed != transpose_keys
+  _close(kv_cache.stacked(other), stacked, atol=0)
   step = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t))
   for w in (per, weights):
     ref, got = stacked, split
     for tokens in (prompt[:, :1], prompt[:, 1:2], prompt[:, :3]):
       a, b = step(w, ref, tokens), step(w, got, tokens)
-      assert isinstance(b.cache.k, tuple)
+      assert isinstance(b.cache.k, tuple) and b.cache.keys_transposed == transpose_keys
       _close(b.logits, a.logits)
       _close(kv_cache.stacked(b.cache), a.cache)
       ref, got = a.cache, b.cache
