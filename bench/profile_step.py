@@ -23,8 +23,9 @@ flags.DEFINE_integer("batch", 1, "Rows decoded per step.")
 flags.DEFINE_integer("context", 200, "Filled cache slots before the step.")
 flags.DEFINE_integer("steps", 20, "Traced steps.")
 flags.DEFINE_integer("top", 20, "Operations printed.")
-flags.DEFINE_enum("cache", "by_layer", ["by_layer", "stacked"],
-                  "KV cache layout: per-layer buffers (what decode loops use) or stacked.")
+flags.DEFINE_enum("cache", "transposed_keys", ["transposed_keys", "by_layer", "stacked"],
+                  "KV cache layout: per-layer buffers with keys stored [B, K, Dh, S] (what "
+                  "decode loops use), per-layer buffers, or stacked.")
 flags.DEFINE_string("model", "embedded:smollm2-135m-instruct", "Model source.")
 FLAGS = flags.FLAGS
 
@@ -46,8 +47,8 @@ def main(argv):
   prefill = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t, fresh_cache=True,
                                                       logits="none").cache)
   cache = prefill(weights, cache, jnp.ones((b, FLAGS.context), jnp.int32))
-  if FLAGS.cache == "by_layer":
-    cache = kv_cache.by_layer(cache)
+  if FLAGS.cache != "stacked":
+    cache = kv_cache.by_layer(cache, transpose_keys=FLAGS.cache == "transposed_keys")
   token = jnp.ones((b, 1), jnp.int32)
   step = jax.jit(lambda w, c, t: model_lib.forward(w, cfg, c, tokens=t, logits="last").logits)
   for _ in range(3):

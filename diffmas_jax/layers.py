@@ -150,7 +150,8 @@ def _masked_scores(qc, k, mask, g, keys_left: bool = False):
   `keys_left` computes (k qc^T)^T: for a handful of queries (decode, latent
   steps) XLA:CPU would otherwise copy each layer's keys transposed ([S, Dh] ->
   [Dh, S]) before every step; with k as the left operand only the small query
-  block and the [S, G*T] product are transposed.
+  block and the [S, G*T] product are transposed. Keys stored transposed
+  (`TransposedKeys`, decode loops) need neither: qc [G*T, Dh] x k [Dh, S].
   """
   b, kv_heads, gt, _ = qc.shape
   if isinstance(k, TransposedKeys):
