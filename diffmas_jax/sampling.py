@@ -39,10 +39,22 @@ class Generation(NamedTuple):
   cache: KVCache
 
 
+def greedy_token(logits: jax.Array) -> jax.Array:
+  """[B, V] -> [B] int32: the first index of each row's maximum, as `jnp.argmax`.
+
+  Two plain reductions (max, then the smallest index holding it): XLA:CPU runs
+  argmax's (value, index) reduction 2.4x slower at [8, 49152], a millisecond of
+  every batch-8 decode step. A row with NaNs gets V - 1 (argmax: the NaN's index).
+  """
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.min(jnp.where(logits == top, index, logits.shape[-1] - 1), axis=-1)
+
+
 def sample_token(logits: jax.Array, key: jax.Array, sc: SamplingConfig) -> jax.Array:
   """[B, V] f32 logits -> [B] token ids (greedy, or temperature/top-k/top-p)."""
   if sc.temperature <= 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy_token(logits)
   logits = logits / sc.temperature
   if sc.top_k > 0:
     kth = jax.lax.top_k(logits, sc.top_k)[0][:, -1:]

@@ -57,6 +57,20 @@ def test_stop_token_ends_row_and_is_stripped(tiny):
   assert np.all(np.asarray(gen.logprobs[0, :n]) <= 0) and np.all(np.asarray(gen.logprobs[0, n:]) == 0)
 
 
+def test_greedy_token_is_argmax_with_its_tie_rule(rng):
+  """sampling.greedy_token (max, then the smallest index holding it) equals jnp.argmax,
+  ties (first index wins) and all -inf rows included."""
+  logits = rng.standard_normal((6, 257)).astype(np.float32)
+  logits[1, [3, 200]] = 9.0  # tie: the first index wins
+  logits[2, :] = 0.5  # all equal
+  logits[3, :] = -np.inf
+  logits[4, -1] = 50.0  # the last index
+  got = jax.jit(sampling.greedy_token)(jnp.asarray(logits))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.argmax(logits, axis=-1))
+  assert got[1] == 3 and got[2] == 0 and got[4] == 256
+
+
 def test_sampling_filters():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 2000)
