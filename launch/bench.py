@@ -8,8 +8,10 @@ bench.stats). Weights are the embedded SmolLM2-135M-Instruct converted once to a
 HF directory that both load. Every suite runs `--runs` times (fresh processes,
 ours and the reference one after the other in each run); tables print the
 median [min, max] over runs, ratios taken within each run. Within a run a
-figure is the best of `--repeats` timed calls after a warm-up. Written to --out
-(JSON) with every run's raw figures.
+figure is the best of `--repeats` timed calls after a warm-up. The core suite's
+roofline and matmul-peak percentages divide by the better of two hardware probes
+taken right before and after our worker. Written to --out (JSON) with every
+run's raw figures.
 """
 
 from __future__ import annotations
@@ -197,8 +199,14 @@ def _run_worker(kind: str, hf_dir: str) -> dict:
 def core_suite(hf_dir: str) -> dict:
   runs = []
   for i in range(FLAGS.runs):
-    hw = _run_worker("hardware", hf_dir)
-    runs.append({"ours": {**_run_worker("jax", hf_dir), **hw}, "transformers": _run_worker(
+    # Probes right before and after our worker; the better of the two is the run's
+    # roofline (the host's bandwidth drifts 1.3x or more within the hour, and a probe
+    # taken in a slow moment would flatter every percentage).
+    probes = [_run_worker("hardware", hf_dir)]
+    ours = _run_worker("jax", hf_dir)
+    probes.append(_run_worker("hardware", hf_dir))
+    hw = {key: max(p[key] for p in probes) for key in probes[0]}
+    runs.append({"ours": {**ours, **hw, "probes": probes}, "transformers": _run_worker(
         "torch", hf_dir), "load": os.getloadavg()[0]})
     print(f"core run {i + 1}/{FLAGS.runs} done (load {runs[-1]['load']:.1f})", file=sys.stderr)
   col = lambda who, key: [r[who][key] for r in runs]
@@ -232,7 +240,9 @@ def core_suite(hf_dir: str) -> dict:
   print(f"| prefill {FLAGS.prefill_len}: % of f32 matmul peak ({fmt([p / 1e9 for p in peak], 0)} "
         f"GFLOP/s; {flops / 1e9:.0f} GFLOP) | {fmt(fractions[('ours', 'prefill')], 0, '%')} | "
         f"{fmt(fractions[('transformers', 'prefill')], 0, '%')} |")
-  print(f"\nmeasured read bandwidth {fmt([b / 1e9 for b in bw])} GB/s; weights "
+  each = [f"{p['read_gbps']:.0f}" for r in runs for p in r["ours"]["probes"]]
+  print(f"\nmeasured read bandwidth {fmt([b / 1e9 for b in bw])} GB/s (the better of the probes "
+        f"before and after our worker; each: {' '.join(each)}); weights "
         f"{runs[0]['ours']['weight_bytes'] / 1e6:.0f} MB; roofline counts the weights and the "
         f"filled KV cache once per step")
   print(f"first-call compile + run s: decode b1 {fmt(col('ours', 'compile_s_b1'))}, b8 "
