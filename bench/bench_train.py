@@ -31,7 +31,7 @@ import time
 
 from absl import app, flags
 
-from bench.stats import fmt, peak_rss_mb, ratios
+from bench.stats import between_probes, fmt, peak_rss_mb, ratios
 
 flags.DEFINE_string("train_worker", "", "Internal: jax | torch | memory.")
 flags.DEFINE_string("train_remat", "full", "Internal: per-layer remat policy of the jax "
@@ -212,13 +212,15 @@ def _variants() -> tuple:
 
 
 def run(hf_dir: str, runs: int = 3) -> dict:
-  """`runs` rounds of (hardware, each variant of ours, transformers + peft), each in
-  its own process; median [min, max] over rounds, ratios within each round."""
+  """`runs` rounds of (hardware, each variant of ours, hardware, transformers + peft),
+  each in its own process; median [min, max] over rounds, ratios within each round;
+  the matmul peak is the better of the two probes around ours (stats.between_probes)."""
   variants = _variants()
   rounds = []
   for i in range(runs):
-    hw = _worker("hardware", hf_dir, module="launch.bench")
-    ours = {v: _worker("jax", hf_dir, remat=v[0], stage_remat=v[1]) for v in variants}
+    ours, hw = between_probes(
+        lambda: _worker("hardware", hf_dir, module="launch.bench"),
+        lambda: {v: _worker("jax", hf_dir, remat=v[0], stage_remat=v[1]) for v in variants})
     rounds.append({"hw": hw, "ours": ours, "ref": _worker("torch", hf_dir),
                    "load": os.getloadavg()[0]})
     print(f"train run {i + 1}/{runs} done (load {rounds[-1]['load']:.1f})", file=sys.stderr)

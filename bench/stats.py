@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import statistics
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 
 def peak_rss_mb() -> float:
@@ -42,3 +42,18 @@ def ratios(ours: Sequence[float], ref: Sequence[float], higher_is_better: bool =
            ) -> list[float]:
   """Per-run ratios (ours vs the reference measured in the same run)."""
   return [(a / b if higher_is_better else b / a) for a, b in zip(ours, ref)]
+
+
+def between_probes(probe: Callable[[], dict], measure: Callable[[], Any]) -> tuple[Any, dict]:
+  """`measure()` run between two hardware probes (dicts of figures, higher is better).
+
+  Returns its result and the probe figures to divide by: each the better of the
+  two, with both probes under "probes". The host's bandwidth drifts 1.3x or more
+  within the hour, and a single probe taken in a slow moment flatters every
+  percentage of its run; the better of two moments around the measurement is
+  the harder bar.
+  """
+  probes = [probe()]
+  result = measure()
+  probes.append(probe())
+  return result, {**{key: max(p[key] for p in probes) for key in probes[0]}, "probes": probes}

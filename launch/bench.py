@@ -28,7 +28,7 @@ from launch import cli
 
 # The suites' own flags (--train_variants, --notrain_memory, ...) are accepted here too.
 from bench import bench_latent, bench_methods, bench_train  # noqa: F401
-from bench.stats import fmt, peak_rss_mb, ratios
+from bench.stats import between_probes, fmt, peak_rss_mb, ratios
 
 flags.DEFINE_string("suites", "core", "Comma list: core, latent, train, methods.")
 flags.DEFINE_string("worker", "", "Internal: one process's measurements (jax|torch|hardware).")
@@ -199,15 +199,10 @@ def _run_worker(kind: str, hf_dir: str) -> dict:
 def core_suite(hf_dir: str) -> dict:
   runs = []
   for i in range(FLAGS.runs):
-    # Probes right before and after our worker; the better of the two is the run's
-    # roofline (the host's bandwidth drifts 1.3x or more within the hour, and a probe
-    # taken in a slow moment would flatter every percentage).
-    probes = [_run_worker("hardware", hf_dir)]
-    ours = _run_worker("jax", hf_dir)
-    probes.append(_run_worker("hardware", hf_dir))
-    hw = {key: max(p[key] for p in probes) for key in probes[0]}
-    runs.append({"ours": {**ours, **hw, "probes": probes}, "transformers": _run_worker(
-        "torch", hf_dir), "load": os.getloadavg()[0]})
+    ours, hw = between_probes(lambda: _run_worker("hardware", hf_dir),
+                              lambda: _run_worker("jax", hf_dir))
+    runs.append({"ours": {**ours, **hw}, "transformers": _run_worker("torch", hf_dir),
+                 "load": os.getloadavg()[0]})
     print(f"core run {i + 1}/{FLAGS.runs} done (load {runs[-1]['load']:.1f})", file=sys.stderr)
   col = lambda who, key: [r[who][key] for r in runs]
   rows = [("decode tok/s, batch 1", "decode_tok_s_b1", True),

@@ -1,4 +1,5 @@
-"""Benchmark statistics: median [min, max] formatting, per-run ratios, per-process peak RSS."""
+"""Benchmark statistics: median [min, max] formatting, per-run ratios, probes around a
+measurement, per-process peak RSS."""
 
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench.stats import fmt, peak_rss_mb, ratios
+from bench.stats import between_probes, fmt, peak_rss_mb, ratios
 
 
 def test_fmt_and_ratios():
@@ -14,6 +15,17 @@ def test_fmt_and_ratios():
   assert fmt([2.5], 2, "x") == "2.50x"
   # Ratios are per run (paired), not a ratio of medians.
   assert ratios([10.0, 30.0], [5.0, 10.0]) == [2.0, 3.0]
+
+
+def test_between_probes_runs_in_order_and_keeps_the_better_probe():
+  calls, readings = [], iter([{"read_gbps": 35.0, "matmul_gflops": 480.0},
+                              {"read_gbps": 50.0, "matmul_gflops": 440.0}])
+  probe = lambda: calls.append("probe") or next(readings)
+  result, hw = between_probes(probe, lambda: calls.append("measure") or "ours")
+  assert calls == ["probe", "measure", "probe"] and result == "ours"
+  # Each figure is the better of the two moments (a slow probe must not flatter the run).
+  assert hw["read_gbps"] == 50.0 and hw["matmul_gflops"] == 480.0
+  assert [p["read_gbps"] for p in hw["probes"]] == [35.0, 50.0]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux-only")
