@@ -8,10 +8,11 @@ bench.stats). Weights are the embedded SmolLM2-135M-Instruct converted once to a
 HF directory that both load. Every suite runs `--runs` times (fresh processes,
 ours and the reference one after the other in each run); tables print the
 median [min, max] over runs, ratios taken within each run. Within a run a
-figure is the best of `--repeats` timed calls after a warm-up. The core suite's
-roofline and matmul-peak percentages divide by the better of two hardware probes
-taken right before and after our worker. Written to --out (JSON) with every
-run's raw figures.
+figure is the best of `--repeats` timed calls after a warm-up. Roofline and
+matmul-peak percentages (core and train suites) divide by the better of two
+hardware probes taken right before and after our workers
+(bench.stats.between_probes). Written to --out (JSON) with every run's raw
+figures.
 """
 
 from __future__ import annotations
