@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from diffmas_jax import kernels
 from diffmas_jax import layers as L
 from diffmas_jax.config import ModelConfig
+from diffmas_jax.kernels import PackedMatrix
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.params import LayerWeights, Weights
 
@@ -90,21 +92,28 @@ class PerLayerMatrix(L.LayerBuffer):
 # The buffers are frozen (inference, LoRA training): differentiating them raises.
 @jax.custom_vjp
 def _per_layer_matmul(index: jax.Array, x2: jax.Array, buffers: tuple) -> jax.Array:
-  product = lambda w, x2: _matmul_2d(x2, w)
+  product = lambda w, x2: w.matmul(x2) if isinstance(w, PackedMatrix) else _matmul_2d(x2, w)
   return jax.lax.switch(index, [functools.partial(product, b) for b in buffers], x2)
 
 
 def _per_layer_matmul_fwd(index, x2, buffers):
-  if any(b.perturbed for b in buffers):
+  is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+  if any(b.perturbed for b in jax.tree.leaves(buffers, is_leaf=is_primal)):
     raise TypeError("per-layer weights (model.per_layer) are frozen: take gradients w.r.t. "
                     "the stacked layout (model.stacked) to train the base weights")
-  index, x2, buffers = index.value, x2.value, tuple(b.value for b in buffers)
+  index, x2 = index.value, x2.value
+  buffers = jax.tree.map(lambda b: b.value, buffers, is_leaf=is_primal)
   return _per_layer_matmul(index, x2, buffers), (index, buffers)
 
 
 def _per_layer_matmul_bwd(res, g):
   index, buffers = res
-  x_grad = lambda w, g: g @ w.reshape(-1, g.shape[1]).T
+
+  def x_grad(w, g):
+    if isinstance(w, PackedMatrix):
+      return w.transposed_matmul(g)
+    return g @ w.reshape(-1, g.shape[1]).T
+
   return None, jax.lax.switch(index, [functools.partial(x_grad, b) for b in buffers], g), None
 
 
@@ -390,7 +399,7 @@ def _check_inputs(cfg: ModelConfig, cache: KVCache, tokens, embeds, valid, posit
                                            cfg.head_dim))
 
 
-def per_layer(weights: Weights) -> Weights:
+def per_layer(weights: Weights, packed: bool | None = None) -> Weights:
   """The weights with `layers` as a tuple of per-layer LayerWeights (separate buffers).
 
   With the stacked layout, XLA:CPU copies each layer's weight slice out of the
@@ -410,13 +419,28 @@ def per_layer(weights: Weights) -> Weights:
   buffer in `gate` (`up` None): a decode step then runs 4 matrix products per
   layer instead of 7, and the small k/v products (0.4 MB each on SmolLM2) no
   longer run at a fraction of the memory bandwidth.
+
+  `packed` (None: `kernels.enabled()`, $DIFFMAS_CPU_KERNELS) stores each fused
+  f32 matrix on a single CPU device as column panels (kernels.PackedMatrix),
+  multiplied by a hand-written kernel that reads them at the memory bandwidth.
   """
   if isinstance(weights.layers, tuple):
     return weights
   # Layer by layer, so only one layer's unfused copy exists at a time.
   stack, n = weights.layers, weights.layers.attn_norm.shape[0]
-  return dataclasses.replace(weights, layers=tuple(
-      _fuse(jax.tree.map(lambda a, i=i: a[i], stack)) for i in range(n)))
+  layers = tuple(_fuse(jax.tree.map(lambda a, i=i: a[i], stack)) for i in range(n))
+  if packed is None:
+    packed = layers[0].k is None and kernels.packable(layers[0].q) and kernels.enabled()
+  if packed and layers[0].k is None:
+    layers = tuple(_pack(lw) for lw in layers)
+  return dataclasses.replace(weights, layers=layers)
+
+
+def _pack(lw: LayerWeights) -> LayerWeights:
+  """A fused layer's four matrices as column panels (kernels.pack; unchanged if unfit)."""
+  return dataclasses.replace(lw, **{n: kernels.pack(getattr(lw, n), _num_contracted(eq))
+                                    for n, eq in PROJ_EQ.items() if getattr(lw, n) is not None}
+                             ) if lw.k is None else lw
 
 
 def _fuse(lw: LayerWeights) -> LayerWeights:
@@ -433,9 +457,11 @@ def _fuse(lw: LayerWeights) -> LayerWeights:
 
 
 def _unfuse(lw: LayerWeights) -> LayerWeights:
-  """Inverse of `_fuse` (no-op on an unfused layer)."""
+  """Inverse of `_fuse` and `_pack` (no-op on an unfused layer)."""
   if lw.k is not None:
     return lw
+  lw = dataclasses.replace(lw, **{n: getattr(lw, n).unpack() for n in PROJ_EQ
+                                  if isinstance(getattr(lw, n), PackedMatrix)})
   d, kv, g2, dh = lw.q.shape
   f = lw.gate.shape[1] // 2
   return dataclasses.replace(lw, q=lw.q[:, :, :g2 - 2].reshape(d, -1, dh), k=lw.q[:, :, g2 - 2],

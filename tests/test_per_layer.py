@@ -25,7 +25,7 @@ def _close(a, b, atol=1e-6):
 
 def test_layout_round_trip(qwen3):
   cfg, weights = qwen3
-  per = model_lib.per_layer(weights)
+  per = model_lib.per_layer(weights, packed=False)
   assert isinstance(per.layers, tuple) and len(per.layers) == cfg.num_layers
   d, h, dh = weights.layers.q.shape[1:]
   kv = cfg.num_kv_heads
@@ -164,20 +164,25 @@ def test_per_layer_cache_steps_equal_stacked(qwen3, rng, transpose_keys):
   assert slices(hlo(stacked)) >= 1 and slices(hlo(split)) == 0
 
 
-def test_layer_body_is_compiled_once(qwen3):
+@pytest.mark.parametrize("packed", [False, True])
+def test_layer_body_is_compiled_once(qwen3, packed):
   """Per-layer buffers run one layer scan (not an unrolled loop): one switch per projection
   picks the layer's own buffer, and the stacked scan's weight slicing is gone."""
   cfg, weights = qwen3
   cache = KVCache.init(cfg, 1, 4)
   tok = jnp.zeros((1, 1), jnp.int32)
   hlo = lambda w: jax.jit(lambda w: model_lib.forward(w, cfg, cache, tokens=tok)).lower(w).as_text()
-  scan, per = hlo(weights), hlo(model_lib.per_layer(weights))
+  scan, per = hlo(weights), hlo(model_lib.per_layer(weights, packed=packed))
   assert per.count("stablehlo.while") == scan.count("stablehlo.while") == 1
-  # One switch per matrix (q|k|v and gate|up fused: 4 instead of 7) and one dot per layer
-  # per matrix, each in its own branch (no unrolled layer loop).
+  # One switch per matrix (q|k|v and gate|up fused: 4 instead of 7) and one product per
+  # layer per matrix, each in its own branch (no unrolled layer loop): XLA dots, or the
+  # packed kernel's custom calls in place of every projection's dot.
   assert per.count("stablehlo.case") == 4
   dots = lambda text: text.count("stablehlo.dot_general")
-  assert dots(per) - dots(scan) == 4 * cfg.num_layers - len(model_lib.PROJ_EQ)
+  kernel_calls = per.count("stablehlo.custom_call @diffmas_packed_matmul")
+  products = 4 * cfg.num_layers
+  assert kernel_calls == (products if packed else 0)
+  assert dots(per) - dots(scan) == products - kernel_calls - len(model_lib.PROJ_EQ)
 
 
 def test_latent_step_gradients_keep_weights_where_they_lie(qwen3):

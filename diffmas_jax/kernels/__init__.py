@@ -1,0 +1,188 @@
+"""A hand-written CPU kernel for inference's narrow weight products (XLA FFI).
+
+Decode and latent steps multiply 1-32 rows by every weight matrix. XLA:CPU's
+products read a [K, N] weight at 60-80% of the memory bandwidth at one row and
+about half at eight (docs/performance.md). `PackedMatrix` stores the weight as
+column panels [N / 32, K, 32], each one contiguous stream, and `packed_matmul.cc`
+reads them on XLA's intra-op threads.
+
+The kernel is compiled on first use with the system's C++ compiler (`$CXX`, else
+g++, c++ or clang++; -O3 -march=native, about 3 s) into
+`$DIFFMAS_KERNEL_CACHE`, default `$XDG_CACHE_HOME/diffmas_jax/kernels`, keyed by
+source, compiler, flags, jaxlib and CPU model, so every host builds its own.
+`$DIFFMAS_CPU_KERNELS` picks when to use it: "auto" (default: on a single CPU
+device when the build succeeds; otherwise XLA's product, with one warning saying
+why), "on" (fail when it cannot build), "off" (XLA's product everywhere).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+ENV = "DIFFMAS_CPU_KERNELS"
+CACHE_ENV = "DIFFMAS_KERNEL_CACHE"
+PANEL = 32  # columns per panel (packed_matmul.cc: kPanel)
+# Above this many rows the product is compute-bound: XLA's tiled matmul is the better kernel.
+MAX_ROWS = 32
+_SOURCE = pathlib.Path(__file__).with_name("packed_matmul.cc")
+_TARGET = "diffmas_packed_matmul"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+def mode() -> str:
+  value = os.environ.get(ENV, "auto").strip().lower()
+  if value not in ("auto", "on", "off"):
+    raise ValueError(f"${ENV}={value!r}: expected auto, on or off")
+  return value
+
+
+def _cache_dir() -> pathlib.Path:
+  if os.environ.get(CACHE_ENV):
+    return pathlib.Path(os.environ[CACHE_ENV])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return pathlib.Path(base, "diffmas_jax", "kernels")
+
+
+def _cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith(("model name", "flags", "Features")):
+        return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _compile(out: pathlib.Path, cxx: str) -> None:
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # Written aside and renamed: processes building at once never load half a library.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  os.close(fd)
+  cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+  try:
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+@functools.cache
+def _build() -> str | None:
+  """Compiles and registers the kernel; None when done, else why it is unavailable."""
+  cxx = os.environ.get("CXX") or next(
+      (c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+  if cxx is None:
+    return "no C++ compiler found (install g++ or set $CXX)"
+  key = hashlib.sha256("\n".join([
+      _SOURCE.read_text(), cxx, *_FLAGS, jax.__version__, jax.lib.__version__, _cpu_model(),
+      platform.machine()]).encode()).hexdigest()[:16]
+  out = _cache_dir() / f"packed_matmul-{key}.so"
+  try:
+    if not out.exists():
+      _compile(out, cxx)
+    library = ctypes.cdll.LoadLibrary(str(out))
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.DiffmasPackedMatmul),
+                                platform="cpu")
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    return f"building {_SOURCE.name} into {out.parent} failed: {e}"
+  return None
+
+
+def unavailable_reason() -> str | None:
+  """None when the kernel is built and registered, else why not (compiles on first call)."""
+  return _build()
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+  logging.warning("packed CPU matmul unavailable, using XLA's product: %s", reason)
+
+
+def enabled() -> bool:
+  """Whether `per_layer` packs CPU weights (see the module docstring)."""
+  setting = mode()
+  if setting == "off":
+    return False
+  reason = unavailable_reason()
+  if reason is not None:
+    if setting == "on":
+      raise RuntimeError(f"${ENV}=on but the packed CPU matmul is unavailable: {reason}; "
+                         f"set {ENV}=auto to fall back to XLA's product")
+    _warn_once(reason)
+    return False
+  return True
+
+
+def packable(w) -> bool:
+  """A concrete f32 [*in, *out] matrix on one CPU device, N a multiple of the panel."""
+  if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array) or w.dtype != jnp.float32:
+    return False
+  devices = w.sharding.device_set
+  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedMatrix:
+  """A [*in, *out] weight stored as column panels [N / 32, K, 32] (K = prod(in))."""
+
+  panels: jax.Array
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  n_in: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def dtype(self):
+    return self.panels.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def unpack(self) -> jax.Array:
+    return jnp.swapaxes(self.panels, 0, 1).reshape(self.shape)
+
+  def matmul(self, x2: jax.Array) -> jax.Array:
+    """[M, K] @ this weight as [K, N] -> [M, N]."""
+    return _packed_matmul(x2, self.panels)
+
+  def transposed_matmul(self, g2: jax.Array) -> jax.Array:
+    """[M, N] @ this weight's transpose [N, K] -> [M, K] (the input's gradient)."""
+    m = g2.shape[0]
+    return jnp.einsum("mpt,pkt->mk", g2.reshape(m, -1, PANEL), self.panels)
+
+
+def pack(w: jax.Array, n_in: int) -> PackedMatrix | jax.Array:
+  """w [*in, *out] as a PackedMatrix, or w unchanged when it does not fit the kernel."""
+  k = math.prod(w.shape[:n_in])
+  n = w.size // k
+  if not packable(w) or n % PANEL:
+    return w
+  panels = jnp.swapaxes(w.reshape(k, n // PANEL, PANEL), 0, 1)
+  return PackedMatrix(panels=jax.device_put(panels, w.sharding), shape=tuple(w.shape),
+                      n_in=n_in)
+
+
+def _packed_matmul(x2: jax.Array, panels: jax.Array) -> jax.Array:
+  m, n = x2.shape[0], panels.shape[0] * PANEL
+  if m > MAX_ROWS or x2.dtype != jnp.float32:
+    return jnp.einsum("mk,pkt->mpt", x2, panels.astype(x2.dtype)).reshape(m, n)
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          vmap_method="sequential")
+  return call(x2, panels)

@@ -1,0 +1,121 @@
+// y[M, N] = x[M, K] @ W[K, N] for a weight stored as column panels P[N / 32, K, 32]
+// (kernels/__init__.py packs it once at load). Each panel is one contiguous 72-288 KB
+// stream, so a decode step reads every weight front to back once, on all of XLA's
+// intra-op threads. XLA:CPU's own narrow products read the [K, N] layout at 60-80% of
+// the bandwidth at one row and about half at eight (docs/performance.md, eighth pass).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 32;
+// Two vectors of 16 floats: one zmm each with AVX-512, two ymm with AVX2. The compiler
+// picks the instructions for this machine (-march=native, kernels/__init__.py).
+typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+#if defined(__AVX512F__)
+constexpr int64_t kRows = 8;  // 16 accumulators of 32 registers
+#else
+constexpr int64_t kRows = 4;  // 8 accumulator pairs fit 16 ymm registers
+#endif
+
+inline Vec16 Load(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// R rows of x against one panel: y[r, 0:32] = sum_k x[r, k] * panel[k, 0:32].
+template <int64_t R>
+void PanelRows(const float* x, int64_t K, const float* panel, float* y, int64_t N) {
+  Vec16 lo[R], hi[R];
+  for (int64_t r = 0; r < R; ++r) lo[r] = hi[r] = Vec16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kPanel;
+    __builtin_prefetch(w + 16 * kPanel);
+    const Vec16 w_lo = Load(w), w_hi = Load(w + 16);
+    for (int64_t r = 0; r < R; ++r) {
+      const float xr = x[r * K + k];
+      lo[r] += xr * w_lo;
+      hi[r] += xr * w_hi;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    Store(y + r * N, lo[r]);
+    Store(y + r * N + 16, hi[r]);
+  }
+}
+
+void Panels(const float* x, int64_t M, int64_t K, const float* panels, int64_t p0, int64_t p1,
+            float* y, int64_t N) {
+  // Row blocks inside the panel loop: a panel is read from memory once and from cache
+  // by the other row blocks.
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = panels + p * K * kPanel;
+    float* yp = y + p * kPanel;
+    int64_t m = 0;
+    for (; m + kRows <= M; m += kRows) PanelRows<kRows>(x + m * K, K, panel, yp + m * N, N);
+    for (; m < M; ++m) PanelRows<1>(x + m * K, K, panel, yp + m * N, N);
+  }
+}
+
+// Work shared by the caller and the pool's threads; owned jointly, so a pool task that
+// starts after the product is done finds nothing to claim and touches no freed memory.
+struct Job {
+  const float* x;
+  const float* panels;
+  float* y;
+  int64_t M, K, N, num_panels, chunk, num_chunks;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
+      const int64_t p0 = c * chunk, p1 = std::min(num_panels, p0 + chunk);
+      Panels(x, M, K, panels, p0, p1, y, N);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = panels.dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || pd[2] != kPanel || pd[1] != xd[1]) {
+    return ffi::Error::InvalidArgument("packed_matmul: expected x [M, K] and panels [P, K, 32]");
+  }
+  auto job = std::make_shared<Job>();
+  job->x = x.typed_data();
+  job->panels = panels.typed_data();
+  job->y = y->typed_data();
+  job->M = xd[0];
+  job->K = xd[1];
+  job->num_panels = pd[0];
+  job->N = pd[0] * kPanel;
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  // About four chunks per worker, so a thread that starts late still finds work.
+  job->chunk = std::max<int64_t>(1, job->num_panels / (4 * workers));
+  job->num_chunks = (job->num_panels + job->chunk - 1) / job->chunk;
+  for (int64_t t = 1; t < std::min(workers, job->num_chunks); ++t) {
+    pool.Schedule([job] { job->Work(); });
+  }
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffmasPackedMatmul, PackedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,119 @@
+"""The packed CPU matmul (diffmas_jax.kernels): products, layout, gradients, switches, build."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmas_jax import kernels
+from diffmas_jax import model as model_lib
+from diffmas_jax.kernels import PackedMatrix
+from diffmas_jax.kv_cache import KVCache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernel_builds_on_this_machine():
+  # The machines we support ship a C++ compiler; a failure here names what is missing.
+  assert kernels.unavailable_reason() is None, kernels.unavailable_reason()
+  assert kernels.enabled()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("k, n", [(40, 64), (96, 320)])
+def test_product_equals_xla(rows, k, n):
+  rng = np.random.default_rng(rows * k)
+  w = jnp.asarray(rng.standard_normal((k, n), np.float32))
+  x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
+  packed = kernels.pack(w, 1)
+  assert isinstance(packed, PackedMatrix) and packed.panels.shape == (n // 32, k, 32)
+  got = jax.jit(lambda x, p: p.matmul(x))(x, packed)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+  g = jnp.asarray(rng.standard_normal((rows, n), np.float32))
+  np.testing.assert_allclose(np.asarray(packed.transposed_matmul(g)),
+                             np.asarray(g, np.float64) @ np.asarray(w, np.float64).T,
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_pack_round_trips_and_leaves_unfit_matrices():
+  w = jnp.arange(2 * 3 * 64, dtype=jnp.float32).reshape(2, 3, 64)  # [*in, *out], in = (2, 3)
+  packed = kernels.pack(w, 2)
+  assert packed.shape == w.shape and packed.n_in == 2 and packed.panels.shape == (2, 6, 32)
+  np.testing.assert_array_equal(np.asarray(packed.unpack()), np.asarray(w))
+  assert kernels.pack(w[..., :40], 2) is not None and not isinstance(
+      kernels.pack(w[..., :40], 2), PackedMatrix)  # 40 columns: not whole panels
+  bf16 = w.astype(jnp.bfloat16)
+  assert kernels.pack(bf16, 2) is bf16
+  traced = jax.jit(lambda w: jnp.float32(isinstance(kernels.pack(w, 2), PackedMatrix)))(w)
+  assert float(traced) == 0.0  # inside jit: never packed (one copy per call)
+
+
+def test_vmap_over_rows_matches():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((48, 64), np.float32))
+  xs = jnp.asarray(rng.standard_normal((3, 2, 48), np.float32))
+  packed = kernels.pack(w, 1)
+  got = jax.vmap(packed.matmul)(xs)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(xs @ w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(family_model):
+  _, _, cfg, weights = family_model
+  return cfg, weights
+
+
+def test_model_on_packed_weights_matches_and_differentiates(tiny):
+  cfg, weights = tiny
+  packed = model_lib.per_layer(weights, packed=True)
+  plain = model_lib.per_layer(weights, packed=False)
+  assert any(isinstance(m, PackedMatrix) for m in jax.tree.leaves(
+      packed.layers, is_leaf=lambda x: isinstance(x, PackedMatrix)))
+  embeds = jax.random.normal(jax.random.key(0), (2, 3, cfg.hidden_size))
+
+  def loss(embeds, w):
+    out = model_lib.forward(w, cfg, KVCache.init(cfg, 2, 3), embeds=embeds)
+    return jnp.mean(out.logits ** 2), out.logits
+
+  (la, a), ga = jax.jit(jax.value_and_grad(loss, has_aux=True))(embeds, packed)
+  (lb, b), gb = jax.jit(jax.value_and_grad(loss, has_aux=True))(embeds, plain)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=1e-4, atol=1e-7)
+  back = model_lib.stacked(packed)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(weights)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
+
+
+def test_switch_and_a_missing_compiler(tmp_path):
+  show = ("from diffmas_jax import kernels;"
+          "print(kernels.mode(), kernels.enabled(), kernels.unavailable_reason())")
+  off = _python(show, DIFFMAS_CPU_KERNELS="off")
+  assert off.stdout.split()[:2] == ["off", "False"], off.stderr
+  # No compiler: "auto" falls back to XLA's product with a warning; "on" refuses.
+  missing = dict(CXX=str(tmp_path / "no-such-compiler"), DIFFMAS_KERNEL_CACHE=str(tmp_path))
+  auto = _python(show, **missing)
+  assert auto.stdout.startswith("auto False building packed_matmul.cc"), auto.stdout + auto.stderr
+  assert "using XLA's product" in auto.stderr
+  on = _python(show, DIFFMAS_CPU_KERNELS="on", **missing)
+  assert on.returncode != 0 and "DIFFMAS_CPU_KERNELS=on but the packed CPU matmul is " \
+      "unavailable" in on.stderr
+  bad = _python(show, DIFFMAS_CPU_KERNELS="fast")
+  assert bad.returncode != 0 and "expected auto, on or off" in bad.stderr
+
+
+def test_build_lands_whole_in_its_cache(tmp_path):
+  run = _python("from diffmas_jax import kernels; print(kernels.unavailable_reason())",
+                DIFFMAS_KERNEL_CACHE=str(tmp_path))
+  assert run.stdout.strip() == "None", run.stderr
+  built = sorted(p.name for p in tmp_path.iterdir())
+  assert len(built) == 1 and built[0].startswith("packed_matmul-") and built[0].endswith(".so")
