@@ -77,7 +77,7 @@ def _setup_jax(hf_dir, roles):
 
   m = load_model(hf_dir, remat=FLAGS.train_remat)
   # The layout the trainer steps on when no weight is split (trainer.train_layout).
-  m.weights = model_lib.per_layer(m.weights)
+  m.weights = model_lib.per_layer(m.weights, packed=False)  # as trainer.train_layout
   enc = _encoded(m.tokenizer, roles)
   batch = enc.take([0])
   spec = topology.TraceSpec((STEPS,) * len(roles))

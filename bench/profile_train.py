@@ -32,7 +32,7 @@ def matrix_shapes(weights) -> set[str]:
   """Every weight matrix as the 2-D "in,out" a product reads, stacked and fused layouts."""
   from diffmas_jax import model as model_lib
   out = set()
-  for layout in (model_lib.stacked(weights), model_lib.per_layer(weights)):
+  for layout in (model_lib.stacked(weights), model_lib.per_layer(weights, packed=False)):
     first = layout.layers[0] if isinstance(layout.layers, tuple) else layout.layers
     for name, eq in model_lib.PROJ_EQ.items():
       w = getattr(first, name)

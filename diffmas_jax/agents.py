@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from diffmas_jax import model as model_lib
 from diffmas_jax.config import ModelConfig
+from diffmas_jax.kernels import PackedMatrix
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.model import LoRA
 from diffmas_jax.params import Weights
@@ -64,7 +65,10 @@ def make_realigner(weights: Weights, lam: float = 1e-5, enabled: bool = True,
   `rows` vocabulary rows of both embeddings (see `realign_row_count`); None = all.
   """
   w_in = weights.embed.astype(jnp.float32)[:rows]  # [V, D]
-  w_out = w_in if weights.lm_head is None else weights.lm_head.astype(jnp.float32).T[:rows]
+  head = weights.lm_head
+  if isinstance(head, PackedMatrix):  # model.per_layer(packed=True)
+    head = None if head.copy_of_embedding else head.unpack()
+  w_out = w_in if head is None else head.astype(jnp.float32).T[:rows]
   target_norm = jnp.mean(jnp.linalg.norm(w_in, axis=-1))
   d = w_in.shape[1]
   if not enabled:

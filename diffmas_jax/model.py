@@ -255,6 +255,9 @@ def default_positions(cache: KVCache, valid: jax.Array, context: KVCache | None 
 
 def lm_head(weights: Weights, hidden: jax.Array) -> jax.Array:
   """[B, T, D] -> [B, T, V] f32 logits (tied embedding when lm_head is None)."""
+  if isinstance(weights.lm_head, PackedMatrix):  # per_layer(packed=True)
+    b, t, d = hidden.shape
+    return weights.lm_head.matmul(hidden.reshape(b * t, d)).reshape(b, t, -1)
   if weights.lm_head is None:
     return jnp.einsum("btd,vd->btv", hidden, weights.embed, preferred_element_type=jnp.float32)
   return jnp.einsum("btd,dv->btv", hidden, weights.lm_head, preferred_element_type=jnp.float32)
@@ -426,21 +429,36 @@ def per_layer(weights: Weights, packed: bool | None = None) -> Weights:
   """
   if isinstance(weights.layers, tuple):
     return weights
-  # Layer by layer, so only one layer's unfused copy exists at a time.
+  # Layer by layer (fused, then packed), so only one layer's intermediate copies exist at
+  # a time.
   stack, n = weights.layers, weights.layers.attn_norm.shape[0]
-  layers = tuple(_fuse(jax.tree.map(lambda a, i=i: a[i], stack)) for i in range(n))
+  layer = lambda i: _fuse(jax.tree.map(lambda a: a[i], stack))
+  first = layer(0)
   if packed is None:
-    packed = layers[0].k is None and kernels.packable(layers[0].q) and kernels.enabled()
-  if packed and layers[0].k is None:
-    layers = tuple(_pack(lw) for lw in layers)
-  return dataclasses.replace(weights, layers=layers)
+    packed = kernels.packable(first.q) and kernels.enabled()
+  packed = packed and first.k is None  # a matrix split over devices: no fusing, no packing
+  convert = _pack if packed else lambda lw: lw
+  layers = (convert(first), *(convert(layer(i)) for i in range(1, n)))
+  if not packed:
+    return dataclasses.replace(weights, layers=layers)
+  if weights.lm_head is not None:
+    return dataclasses.replace(weights, layers=layers, lm_head=kernels.pack(weights.lm_head, 1))
+  # A tied model's head gets its own packed copy of embed^T (the lookup keeps the rows).
+  head = kernels.pack_rows(weights.embed, copy_of_embedding=True)
+  return dataclasses.replace(weights, layers=layers,
+                             lm_head=head if isinstance(head, PackedMatrix) else None)
+
+
+def is_packed(weights: Weights) -> bool:
+  """Whether `per_layer` stored these weights' matrices for the packed CPU kernel."""
+  return any(isinstance(x, PackedMatrix) for x in jax.tree.leaves(
+      weights, is_leaf=lambda x: isinstance(x, PackedMatrix)))
 
 
 def _pack(lw: LayerWeights) -> LayerWeights:
   """A fused layer's four matrices as column panels (kernels.pack; unchanged if unfit)."""
   return dataclasses.replace(lw, **{n: kernels.pack(getattr(lw, n), _num_contracted(eq))
-                                    for n, eq in PROJ_EQ.items() if getattr(lw, n) is not None}
-                             ) if lw.k is None else lw
+                                    for n, eq in PROJ_EQ.items() if getattr(lw, n) is not None})
 
 
 def _fuse(lw: LayerWeights) -> LayerWeights:
@@ -472,7 +490,10 @@ def stacked(weights: Weights) -> Weights:
   """Inverse of `per_layer`: layers stacked on a leading axis again (idempotent)."""
   if not isinstance(weights.layers, tuple):
     return weights
-  return dataclasses.replace(weights, layers=jax.tree.map(
+  head = weights.lm_head
+  if isinstance(head, PackedMatrix):
+    head = None if head.copy_of_embedding else head.unpack()
+  return dataclasses.replace(weights, lm_head=head, layers=jax.tree.map(
       lambda *xs: jnp.stack(xs), *(_unfuse(lw) for lw in weights.layers)))
 
 

@@ -184,7 +184,9 @@ def train_layout(weights, shardings, replicated: NamedSharding):
   """
   if not all(a.sharding.is_fully_replicated for a in jax.tree.leaves(weights)):
     return weights, shardings
-  weights = jax.device_put(model_lib.per_layer(weights), replicated)
+  # Not packed (kernels.PackedMatrix): the kernel is forward-only and its backward runs as
+  # XLA products over the panels; training keeps the layout its benchmarks measured.
+  weights = jax.device_put(model_lib.per_layer(weights, packed=False), replicated)
   return weights, jax.tree.map(lambda _: replicated, weights)
 
 

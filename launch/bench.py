@@ -96,11 +96,14 @@ def jax_worker(hf_dir: str) -> dict:
 
   m = load_model(hf_dir)
   cfg = m.cfg
+  # Bytes a decode step reads: every weight once (a tied head reads the embedding), counted
+  # before per_layer, whose packed head is a second copy of a tied embedding.
+  params, weight_bytes = count_params(m.weights), sum(x.nbytes for x in jax.tree.leaves(m.weights))
   weights = model_lib.per_layer(m.weights)  # inference keeps only per-layer buffers
   m.weights = None
-  res: dict = {"params": count_params(weights),
-               "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(weights)),
-               "nonembed_params": count_params(weights) - weights.embed.size,
+  res: dict = {"params": params, "weight_bytes": weight_bytes,
+               "nonembed_params": params - weights.embed.size,
+               "packed_matmul": model_lib.is_packed(weights),
                "layers": cfg.num_layers, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
                "head_dim": cfg.head_dim, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
                "cache_itemsize": jnp.dtype(cfg.dtype).itemsize}

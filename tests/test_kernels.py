@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmas_jax import kernels
+from conftest import make_hf_model, to_ours
+from diffmas_jax import agents, kernels
 from diffmas_jax import model as model_lib
 from diffmas_jax.kernels import PackedMatrix
 from diffmas_jax.kv_cache import KVCache
@@ -62,18 +63,25 @@ def test_vmap_over_rows_matches():
   np.testing.assert_allclose(np.asarray(got), np.asarray(xs @ w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny(family_model):
+def test_model_on_packed_weights_matches_and_differentiates(family_model):
   _, _, cfg, weights = family_model
-  return cfg, weights
+  _check_packed_model(cfg, weights)
 
 
-def test_model_on_packed_weights_matches_and_differentiates(tiny):
-  cfg, weights = tiny
+def test_tied_head_gets_a_packed_copy():
+  _check_packed_model(*to_ours(make_hf_model("qwen3", seed=3, tie=True)))
+
+
+def _check_packed_model(cfg, weights):
+  """Logits, the input's gradient (every projection and the head run the kernel) and the
+  round trip to the stacked layout, for a separate head and a tied one."""
   packed = model_lib.per_layer(weights, packed=True)
   plain = model_lib.per_layer(weights, packed=False)
-  assert any(isinstance(m, PackedMatrix) for m in jax.tree.leaves(
-      packed.layers, is_leaf=lambda x: isinstance(x, PackedMatrix)))
+  assert model_lib.is_packed(packed) and not model_lib.is_packed(plain)
+  assert all(isinstance(lw.q, PackedMatrix) and isinstance(lw.down, PackedMatrix)
+             for lw in packed.layers)
+  assert isinstance(packed.lm_head, PackedMatrix)
+  assert packed.lm_head.copy_of_embedding == (weights.lm_head is None)
   embeds = jax.random.normal(jax.random.key(0), (2, 3, cfg.hidden_size))
 
   def loss(embeds, w):
@@ -87,6 +95,10 @@ def test_model_on_packed_weights_matches_and_differentiates(tiny):
   back = model_lib.stacked(packed)
   for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(weights)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The latent realignment reads the head's rows from the packed copy too.
+  for x, y in zip(jax.tree.leaves(agents.make_realigner(packed)),
+                  jax.tree.leaves(agents.make_realigner(weights))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

@@ -36,8 +36,6 @@ from absl import logging
 ENV = "DIFFMAS_CPU_KERNELS"
 CACHE_ENV = "DIFFMAS_KERNEL_CACHE"
 PANEL = 32  # columns per panel (packed_matmul.cc: kPanel)
-# Above this many rows the product is compute-bound: XLA's tiled matmul is the better kernel.
-MAX_ROWS = 32
 _SOURCE = pathlib.Path(__file__).with_name("packed_matmul.cc")
 _TARGET = "diffmas_packed_matmul"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -141,11 +139,16 @@ def packable(w) -> bool:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedMatrix:
-  """A [*in, *out] weight stored as column panels [N / 32, K, 32] (K = prod(in))."""
+  """A [*in, *out] weight stored as column panels [N / 32, K, 32] (K = prod(in)).
+
+  `copy_of_embedding`: the LM head of a tied model, a packed copy of embed^T
+  (model.per_layer); `model.stacked` drops it.
+  """
 
   panels: jax.Array
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   n_in: int = dataclasses.field(metadata=dict(static=True))
+  copy_of_embedding: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def dtype(self):
@@ -164,11 +167,10 @@ class PackedMatrix:
 
   def transposed_matmul(self, g2: jax.Array) -> jax.Array:
     """[M, N] @ this weight's transpose [N, K] -> [M, K] (the input's gradient)."""
-    m = g2.shape[0]
-    return jnp.einsum("mpt,pkt->mk", g2.reshape(m, -1, PANEL), self.panels)
+    return jnp.einsum("mpt,pkt->mk", g2.reshape(g2.shape[0], -1, PANEL), self.panels)
 
 
-def pack(w: jax.Array, n_in: int) -> PackedMatrix | jax.Array:
+def pack(w: jax.Array, n_in: int, copy_of_embedding: bool = False) -> PackedMatrix | jax.Array:
   """w [*in, *out] as a PackedMatrix, or w unchanged when it does not fit the kernel."""
   k = math.prod(w.shape[:n_in])
   n = w.size // k
@@ -176,13 +178,44 @@ def pack(w: jax.Array, n_in: int) -> PackedMatrix | jax.Array:
     return w
   panels = jnp.swapaxes(w.reshape(k, n // PANEL, PANEL), 0, 1)
   return PackedMatrix(panels=jax.device_put(panels, w.sharding), shape=tuple(w.shape),
-                      n_in=n_in)
+                      n_in=n_in, copy_of_embedding=copy_of_embedding)
 
 
-def _packed_matmul(x2: jax.Array, panels: jax.Array) -> jax.Array:
+def pack_rows(w: jax.Array, copy_of_embedding: bool = False) -> PackedMatrix | jax.Array:
+  """w [N, K] (one row per output, like an embedding) as the PackedMatrix of w^T [K, N],
+  without materializing w^T; w unchanged when it does not fit the kernel."""
+  n, k = w.shape
+  if not packable(w) or n % PANEL:
+    return w
+  panels = jnp.swapaxes(w.reshape(n // PANEL, PANEL, k), 1, 2)
+  return PackedMatrix(panels=jax.device_put(panels, w.sharding), shape=(k, n), n_in=1,
+                      copy_of_embedding=copy_of_embedding)
+
+
+def _product(x2: jax.Array, panels: jax.Array) -> jax.Array:
   m, n = x2.shape[0], panels.shape[0] * PANEL
-  if m > MAX_ROWS or x2.dtype != jnp.float32:
+  if x2.dtype != jnp.float32:
     return jnp.einsum("mk,pkt->mpt", x2, panels.astype(x2.dtype)).reshape(m, n)
   call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
                           vmap_method="sequential")
   return call(x2, panels)
+
+
+# The kernel has no derivative rule of its own; the backward runs as XLA products.
+@jax.custom_vjp
+def _packed_matmul(x2: jax.Array, panels: jax.Array) -> jax.Array:
+  return _product(x2, panels)
+
+
+def _packed_matmul_fwd(x2, panels):
+  return _product(x2, panels), (x2, panels)
+
+
+def _packed_matmul_bwd(res, g):
+  x2, panels = res
+  g3 = g.reshape(g.shape[0], -1, PANEL)
+  return (jnp.einsum("mpt,pkt->mk", g3, panels).astype(x2.dtype),
+          jnp.einsum("mk,mpt->pkt", x2, g3).astype(panels.dtype))
+
+
+_packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
