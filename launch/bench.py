@@ -246,6 +246,9 @@ def core_suite(hf_dir: str) -> dict:
         f"filled KV cache once per step")
   print(f"first-call compile + run s: decode b1 {fmt(col('ours', 'compile_s_b1'))}, b8 "
         f"{fmt(col('ours', 'compile_s_b8'))}, prefill {fmt(col('ours', 'compile_s_prefill'))}")
+  packed = {r["ours"].get("packed_matmul") for r in runs}
+  print("weight products: " + ("the packed CPU kernel" if packed == {True} else
+        "XLA's" if packed == {False} else "mixed across runs") + " ($DIFFMAS_CPU_KERNELS)")
   return {"runs": runs, "roofline_percent": {f"{w}/{b}": v for (w, b), v in fractions.items()}}
 
 
