@@ -81,6 +81,9 @@ def _usage_error(text: str) -> None:
 def _guarded(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
   compile_cache.enable(FLAGS.compile_cache)
   try:
+    if os.environ.get("DIFFMAS_CPU_KERNELS"):  # checked before weights load (imports jax)
+      from diffmas_jax import kernels
+      kernels.check_setting()
     return main(argv)
   except expected_errors() as e:
     if FLAGS.verbose:

@@ -129,3 +129,11 @@ def test_build_lands_whole_in_its_cache(tmp_path):
   assert run.stdout.strip() == "None", run.stderr
   built = sorted(p.name for p in tmp_path.iterdir())
   assert len(built) == 1 and built[0].startswith("packed_matmul-") and built[0].endswith(".so")
+
+
+def test_launchers_check_the_switch_first():
+  run = subprocess.run([sys.executable, "-m", "launch.generate", "--source=./models/none"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "DIFFMAS_CPU_KERNELS": "fast"})
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert run.stderr.strip() == ("error: $DIFFMAS_CPU_KERNELS='fast': expected auto, on or off")
