@@ -60,13 +60,13 @@ def _cache_dir() -> pathlib.Path:
 
 
 def _cpu_model() -> str:
+  """The first CPU's model and instruction-set flags (-march=native builds for them)."""
   try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith(("model name", "flags", "Features")):
-        return line
+    first_cpu = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0]
   except OSError:
-    pass
-  return platform.processor()
+    return platform.processor()
+  return "\n".join(line for line in first_cpu.splitlines()
+                   if line.startswith(("model name", "flags", "Features", "CPU part")))
 
 
 def _compile(out: pathlib.Path, cxx: str) -> None:

@@ -54,6 +54,21 @@ void PanelRows(const float* x, int64_t K, const float* panel, float* y, int64_t 
   }
 }
 
+// The last M % kRows rows in one pass over the panel.
+void TailRows(int64_t rows, const float* x, int64_t K, const float* panel, float* y, int64_t N) {
+  switch (rows) {
+    case 1: return PanelRows<1>(x, K, panel, y, N);
+    case 2: return PanelRows<2>(x, K, panel, y, N);
+    case 3: return PanelRows<3>(x, K, panel, y, N);
+#if defined(__AVX512F__)
+    case 4: return PanelRows<4>(x, K, panel, y, N);
+    case 5: return PanelRows<5>(x, K, panel, y, N);
+    case 6: return PanelRows<6>(x, K, panel, y, N);
+    case 7: return PanelRows<7>(x, K, panel, y, N);
+#endif
+  }
+}
+
 void Panels(const float* x, int64_t M, int64_t K, const float* panels, int64_t p0, int64_t p1,
             float* y, int64_t N) {
   // Row blocks inside the panel loop: a panel is read from memory once and from cache
@@ -63,7 +78,7 @@ void Panels(const float* x, int64_t M, int64_t K, const float* panels, int64_t p
     float* yp = y + p * kPanel;
     int64_t m = 0;
     for (; m + kRows <= M; m += kRows) PanelRows<kRows>(x + m * K, K, panel, yp + m * N, N);
-    for (; m < M; ++m) PanelRows<1>(x + m * K, K, panel, yp + m * N, N);
+    if (m < M) TailRows(M - m, x + m * K, K, panel, yp + m * N, N);
   }
 }
 
