@@ -67,7 +67,7 @@ def make_realigner(weights: Weights, lam: float = 1e-5, enabled: bool = True,
   w_in = weights.embed.astype(jnp.float32)[:rows]  # [V, D]
   head = weights.lm_head
   if isinstance(head, PackedMatrix):  # model.per_layer(packed=True)
-    head = None if head.copy_of_embedding else head.unpack()
+    head = head.untied()
   w_out = w_in if head is None else head.astype(jnp.float32).T[:rows]
   target_norm = jnp.mean(jnp.linalg.norm(w_in, axis=-1))
   d = w_in.shape[1]

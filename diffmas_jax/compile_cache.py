@@ -18,9 +18,14 @@ _OFF = ("off", "none", "0", "false", "")
 MIN_COMPILE_SECONDS = 0.1
 
 
-def default_dir() -> str:
+def user_cache_dir(name: str) -> str:
+  """`$XDG_CACHE_HOME/diffmas_jax/<name>`, default `~/.cache/diffmas_jax/<name>`."""
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "diffmas_jax", "xla")
+  return os.path.join(base, "diffmas_jax", name)
+
+
+def default_dir() -> str:
+  return user_cache_dir("xla")
 
 
 def resolve(setting: str | None = None) -> str | None:

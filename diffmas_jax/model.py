@@ -492,7 +492,7 @@ def stacked(weights: Weights) -> Weights:
     return weights
   head = weights.lm_head
   if isinstance(head, PackedMatrix):
-    head = None if head.copy_of_embedding else head.unpack()
+    head = head.untied()
   return dataclasses.replace(weights, lm_head=head, layers=jax.tree.map(
       lambda *xs: jnp.stack(xs), *(_unfuse(lw) for lw in weights.layers)))
 

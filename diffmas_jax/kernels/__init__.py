@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from diffmas_jax import compile_cache
 from diffmas_jax.errors import InputError
 
 ENV = "DIFFMAS_CPU_KERNELS"
@@ -53,10 +54,7 @@ def mode() -> str:
 
 
 def _cache_dir() -> pathlib.Path:
-  if os.environ.get(CACHE_ENV):
-    return pathlib.Path(os.environ[CACHE_ENV])
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return pathlib.Path(base, "diffmas_jax", "kernels")
+  return pathlib.Path(os.environ.get(CACHE_ENV) or compile_cache.user_cache_dir("kernels"))
 
 
 def _cpu_model() -> str:
@@ -184,31 +182,39 @@ class PackedMatrix:
 
   def transposed_matmul(self, g2: jax.Array) -> jax.Array:
     """[M, N] @ this weight's transpose [N, K] -> [M, K] (the input's gradient)."""
-    return jnp.einsum("mpt,pkt->mk", g2.reshape(g2.shape[0], -1, PANEL), self.panels)
+    return _transposed_product(g2, self.panels)
+
+  def untied(self) -> jax.Array | None:
+    """As an LM head: the [D, V] matrix it packs, None for a tied model's copy of embed^T."""
+    return None if self.copy_of_embedding else self.unpack()
 
 
 def pack(w: jax.Array, n_in: int, copy_of_embedding: bool = False) -> PackedMatrix | jax.Array:
   """w [*in, *out] as a PackedMatrix, or w unchanged when it does not fit the kernel."""
   k = math.prod(w.shape[:n_in])
   n = w.size // k
-  if not packable(w) or n % PANEL:
-    return w
-  _require()
-  panels = jnp.swapaxes(w.reshape(k, n // PANEL, PANEL), 0, 1)
-  return PackedMatrix(panels=jax.device_put(panels, w.sharding), shape=tuple(w.shape),
-                      n_in=n_in, copy_of_embedding=copy_of_embedding)
+  return _packed(w, n, lambda: jnp.swapaxes(w.reshape(k, n // PANEL, PANEL), 0, 1),
+                 tuple(w.shape), n_in, copy_of_embedding)
 
 
 def pack_rows(w: jax.Array, copy_of_embedding: bool = False) -> PackedMatrix | jax.Array:
   """w [N, K] (one row per output, like an embedding) as the PackedMatrix of w^T [K, N],
   without materializing w^T; w unchanged when it does not fit the kernel."""
   n, k = w.shape
+  return _packed(w, n, lambda: jnp.swapaxes(w.reshape(n // PANEL, PANEL, k), 1, 2),
+                 (k, n), 1, copy_of_embedding)
+
+
+def _packed(w, n: int, make_panels, shape, n_in: int, copy_of_embedding: bool):
   if not packable(w) or n % PANEL:
     return w
   _require()
-  panels = jnp.swapaxes(w.reshape(n // PANEL, PANEL, k), 1, 2)
-  return PackedMatrix(panels=jax.device_put(panels, w.sharding), shape=(k, n), n_in=1,
-                      copy_of_embedding=copy_of_embedding)
+  return PackedMatrix(panels=jax.device_put(make_panels(), w.sharding), shape=shape,
+                      n_in=n_in, copy_of_embedding=copy_of_embedding)
+
+
+def _transposed_product(g2: jax.Array, panels: jax.Array) -> jax.Array:
+  return jnp.einsum("mpt,pkt->mk", g2.reshape(g2.shape[0], -1, PANEL), panels)
 
 
 def _product(x2: jax.Array, panels: jax.Array) -> jax.Array:
@@ -232,9 +238,8 @@ def _packed_matmul_fwd(x2, panels):
 
 def _packed_matmul_bwd(res, g):
   x2, panels = res
-  g3 = g.reshape(g.shape[0], -1, PANEL)
-  return (jnp.einsum("mpt,pkt->mk", g3, panels).astype(x2.dtype),
-          jnp.einsum("mk,mpt->pkt", x2, g3).astype(panels.dtype))
+  return (_transposed_product(g, panels).astype(x2.dtype),
+          jnp.einsum("mk,mpt->pkt", x2, g.reshape(g.shape[0], -1, PANEL)).astype(panels.dtype))
 
 
 _packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
