@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from diffmas_jax import kernels
 from diffmas_jax.config import ModelConfig
 
 # Finite (not -inf) so fully masked rows (padding queries) stay NaN-free.
@@ -51,9 +52,29 @@ class TransposedKeys(LayerBuffer):
   """
 
 
+class StackedLayer(NamedTuple):
+  """The current layer of a stacked [L, B, K, S, Dh] key or value cache, unsliced, so
+  the attention kernel reads it in place (`attention(kernel=True)`); anything else
+  takes the slice."""
+
+  index: jax.Array  # [] int32 layer index
+  stack: jax.Array  # [L, B, K, S, Dh]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.stack.shape[1:]
+
+  @property
+  def dtype(self):
+    return self.stack.dtype
+
+  def apply(self, fn: Callable[..., jax.Array], *args) -> jax.Array:
+    return fn(self.stack[self.index], *args)
+
+
 def _apply(x: Any, fn: Callable[..., jax.Array], *args) -> jax.Array:
-  """fn(x, *args) for an array or a LayerBuffer."""
-  return x.apply(fn, *args) if isinstance(x, LayerBuffer) else fn(x, *args)
+  """fn(x, *args) for an array, a LayerBuffer or a StackedLayer."""
+  return x.apply(fn, *args) if isinstance(x, (LayerBuffer, StackedLayer)) else fn(x, *args)
 
 
 def _materialized(x: Any) -> jax.Array:
@@ -111,7 +132,8 @@ def attention_mask(q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array:
   return (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])
 
 
-def attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+def attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]],
+              kernel: bool = False) -> jax.Array:
   """Grouped-query attention over one or more key/value blocks, softmax in f32.
 
   All blocks share one softmax, so the decoder attends to the (read-only) cache
@@ -124,6 +146,10 @@ def attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]
   Args:
     q: [B, T, H, Dh].
     blocks: (k, v, mask) with k, v: [B, K, S_i, Dh] and mask: [B, T, S_i] bool.
+    kernel: a single f32 query runs on the CPU attention kernel
+      (`kernels.partial_attention`), which reads each block's keys and values in
+      place, once, and skips the slots no row sees. Set by `model.forward` for
+      packed weights (model.per_layer).
   Returns:
     [B, T, H, Dh]
   """
@@ -134,7 +160,9 @@ def attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]
   # layouts through a much slower path (measured 1.8x on a 1024-token prefill).
   qc = (q * jnp.asarray(1.0 / np.sqrt(e), q.dtype)).reshape(b, t, kv_heads, g, e)
   qc = qc.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, e)
-  if t == 1 and len(blocks) > 1:
+  if t == 1 and kernel and _kernel_fits(qc, blocks):
+    out = _attend_blocks_kernel(qc, blocks)
+  elif t == 1 and len(blocks) > 1:
     out = _attend_blocks(qc, blocks, g)
   else:
     blocks = [(_materialized(k), _materialized(v), mask) for k, v, mask in blocks]
@@ -175,6 +203,64 @@ def _attend_blocks(qc, blocks, g):
     out = out + _apply(v, lambda v, p: jnp.matmul(p, v), p)
     offset += v.shape[2]
   return out  # [B, K, G*T, Dh]
+
+
+def _kernel_fits(qc, blocks) -> bool:
+  return (qc.dtype == jnp.float32 and qc.shape[-1] in (16, 32, 64, 128) and
+          all(k.dtype == v.dtype == jnp.float32 for k, v, _ in blocks))
+
+
+def _attend_blocks_kernel(qc, blocks):
+  """`_attend_blocks` for one query, each block's statistics from the kernel, merged
+  here (the softmax shared over blocks, as there)."""
+  stats = []
+  for k, v, mask in blocks:
+    row_mask = mask[:, 0]  # [B, S]: one query
+    if isinstance(k, LayerBuffer):  # per-layer buffers: the layer's pair, in place
+      transposed = isinstance(k, TransposedKeys)
+      one = lambda kb, vb, t=transposed: _block_stats(qc, kb[None], vb[None], row_mask,
+                                                       jnp.int32(0), t)
+      stats.append(jax.lax.switch(k.index, [functools.partial(one, kb, vb)
+                                            for kb, vb in zip(k.buffers, v.buffers)]))
+    elif isinstance(k, StackedLayer):
+      stats.append(_block_stats(qc, k.stack, v.stack, row_mask, k.index, False))
+    else:
+      stats.append(_block_stats(qc, k[None], v[None], row_mask, jnp.int32(0), False))
+  top = functools.reduce(jnp.maximum, [m for _, m, _ in stats])
+  weights = [jnp.exp(m - top) for _, m, _ in stats]
+  total = sum(w * l for w, (_, _, l) in zip(weights, stats))
+  out = sum(w[..., None] * o for w, (o, _, _) in zip(weights, stats))
+  return out / total[..., None]  # [B, K, G, Dh]
+
+
+def _block_stats_xla(qc, keys, values, mask, layer, keys_transposed):
+  """kernels.partial_attention's statistics in XLA: its derivative."""
+  k, v = keys[layer], values[layer]
+  s = jnp.einsum("bkgd,bkds->bkgs" if keys_transposed else "bkgd,bksd->bkgs", qc, k)
+  s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
+  m = jnp.max(s, axis=-1)
+  p = jnp.exp(s - m[..., None])
+  return jnp.einsum("bkgs,bksd->bkgd", p, v), m, jnp.sum(p, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _block_stats(qc, keys, values, mask, layer, keys_transposed):
+  return kernels.partial_attention(qc, keys, values, mask, layer, keys_transposed)
+
+
+def _block_stats_fwd(qc, keys, values, mask, layer, keys_transposed):
+  return (_block_stats(qc, keys, values, mask, layer, keys_transposed),
+          (qc, keys, values, mask, layer))
+
+
+def _block_stats_bwd(keys_transposed, res, cotangents):
+  qc, keys, values, mask, layer = res
+  _, vjp = jax.vjp(lambda q, k, v: _block_stats_xla(q, k, v, mask, layer, keys_transposed),
+                   qc, keys, values)
+  return (*vjp(cotangents), None, None)
+
+
+_block_stats.defvjp(_block_stats_fwd, _block_stats_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -226,7 +312,7 @@ QUERY_CHUNK = 128
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      context: list[tuple[Any, Any, jax.Array]] = (),
-                     chunk: int | None = None) -> jax.Array:
+                     chunk: int | None = None, kernel: bool = False) -> jax.Array:
   """Attention of T new tokens to read-only `context` blocks and to themselves.
 
   The queries run in chunks: chunk i attends to the context and to the new keys
@@ -241,10 +327,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     q: [B, T, H, Dh]; k, v: [B, K, T, Dh] the new tokens' keys and values;
     mask: [B, T, T] their causal mask; context: (k, v, mask [B, T, S_i]) blocks;
     chunk: queries per block (default QUERY_CHUNK).
+    kernel: see `attention`.
   """
   t, chunk = q.shape[1], chunk or QUERY_CHUNK
   if t <= chunk:
-    return attention(q, [*context, (k, v, mask)])
+    return attention(q, [*context, (k, v, mask)], kernel)
   outs = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)

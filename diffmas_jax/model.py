@@ -189,13 +189,14 @@ _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _layer(cfg: ModelConfig, inv_freq, positions, masks, x, lw, lora_layer, k_cache, v_cache,
-           fresh_cache: bool = False, context_kv=None):
+           fresh_cache: bool = False, context_kv=None, kernel_attention: bool = False):
   """One decoder layer.
 
   Args:
     x: [B, T, D]; k_cache, v_cache: [B, K, S, Dh] read-only history.
     masks: (cache_mask [B, T, S], self_mask [B, T, T], context_mask [B, T, C] or None).
     context_kv: optional (k, v) [B, K, C, Dh] of a read-only context before the cache.
+    kernel_attention: see layers.attention.
   Returns:
     x [B, T, D] and the new tokens' k, v [B, K, T, Dh] (written by the caller).
   """
@@ -226,7 +227,7 @@ def _layer(cfg: ModelConfig, inv_freq, positions, masks, x, lw, lora_layer, k_ca
       context = [(k_cache, v_cache, cache_mask)]
       if context_kv is not None:
         context.insert(0, (*context_kv, context_mask))
-    attn = L.causal_attention(q, k, v, self_mask, context)
+    attn = L.causal_attention(q, k, v, self_mask, context, kernel=kernel_attention)
     attn = checkpoint_name(attn, "attn_out")
     x = x + _project(attn, lw.o, "o", lora_layer)
   with jax.named_scope("mlp"):
@@ -317,14 +318,18 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     slot = cache.end if context is None else cache.end + context.end
     lora = dataclasses.replace(lora, dropout_key=jax.vmap(
         lambda k: jax.random.fold_in(k, slot))(lora.dropout_key))
-  ctx_kv = None if context is None else (context.k, context.v)
+  # Packed weights (per_layer on one CPU device) also get the attention kernel for
+  # single-token steps; it reads a stacked cache's layer in place (layers.StackedLayer).
+  kernel_attention = t == 1 and is_packed(weights)
+  in_place = lambda c: kernel_attention and c is not None and not isinstance(c.k, tuple)
+  ctx_kv = None if context is None or in_place(context) else (context.k, context.v)
   layers, matrices = weights.layers, None
   if isinstance(layers, tuple):  # per-layer buffers: scan over the index (see PerLayerMatrix)
     matrices = {n: tuple(getattr(lw, n) for lw in layers) for n in PROJ_EQ
                 if getattr(layers[0], n) is not None}  # fused: k, v, up are None
     layers = _stack_vectors(layers)
   cache_by_layer = isinstance(cache.k, tuple)  # kv_cache.by_layer: picked like the matrices
-  cache_xs = (None, None) if cache_by_layer else (cache.k, cache.v)
+  cache_xs = (None, None) if cache_by_layer or in_place(cache) else (cache.k, cache.v)
 
   def body(x, xs):
     i, lw, lora_layer, k_l, v_l, ctx_l = xs
@@ -333,8 +338,12 @@ def forward(weights: Weights, cfg: ModelConfig, cache: KVCache, *, tokens: jax.A
     if cache_by_layer:
       keys = L.TransposedKeys if cache.keys_transposed else L.LayerBuffer
       k_l, v_l = keys(i, cache.k), L.LayerBuffer(i, cache.v)
+    elif in_place(cache):
+      k_l, v_l = L.StackedLayer(i, cache.k), L.StackedLayer(i, cache.v)
+    if in_place(context):
+      ctx_l = (L.StackedLayer(i, context.k), L.StackedLayer(i, context.v))
     x, k, v = _layer(cfg, inv_freq, positions, masks, x, lw, lora_layer, k_l, v_l, fresh_cache,
-                     ctx_l)
+                     ctx_l, kernel_attention)
     return x, (k, v)
 
   # A single-token step (latent thought, decode) keeps only a few vectors per

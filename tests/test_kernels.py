@@ -1,5 +1,7 @@
-"""The packed CPU matmul (diffmas_jax.kernels): products, layout, gradients, switches, build."""
+"""The CPU kernels (diffmas_jax.kernels): the packed matmul's products, layout, gradients,
+switches and build; the single-query attention against XLA's, alone and in the model."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -99,6 +101,78 @@ def _check_packed_model(cfg, weights):
   for x, y in zip(jax.tree.leaves(agents.make_realigner(packed)),
                   jax.tree.leaves(agents.make_realigner(weights))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("keys_transposed", [False, True])
+@pytest.mark.parametrize("b, k, g, s, d", [(1, 3, 3, 300, 64), (3, 2, 4, 37, 128),
+                                           (2, 1, 1, 5, 16)])
+def test_partial_attention_equals_xla(keys_transposed, b, k, g, s, d):
+  """Every layer of a stack; rows that see some slots (with an unseen tail and holes),
+  a row that sees none (the uniform average) and, at S = 300, a chunk of 128 no row
+  sees."""
+  from diffmas_jax import layers
+  rng = np.random.default_rng(s)
+  q = jnp.asarray(0.3 * rng.standard_normal((b, k, g, d), np.float32))
+  keys, values = (jnp.asarray(rng.standard_normal((2, b, k, s, d), np.float32)) for _ in "kv")
+  mask = rng.random((b, s)) < 0.7
+  mask[0, s // 2:] = False
+  mask[-1] = False if b > 1 else mask[-1]
+  if keys_transposed:
+    keys = jnp.swapaxes(keys, -1, -2)
+  for layer in range(2):
+    got = kernels.partial_attention(q, keys, values, jnp.asarray(mask), jnp.int32(layer),
+                                    keys_transposed)
+    want = layers._block_stats_xla(q, keys, values, jnp.asarray(mask), layer, keys_transposed)
+    for x, y in zip(got[1:], want[1:]):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[0] / got[2][..., None]),
+                               np.asarray(want[0] / want[2][..., None]), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_kernel_in_the_latent_pipeline():
+  """Packed weights run every single-token attention on the kernel: the latent steps
+  (trace read in place from the stacked cache), decoding (per-layer buffers) and their
+  gradients match XLA's attention on the same weights (head_dim 16, so it applies)."""
+  from diffmas_jax import layers, sampling
+  cfg, weights = to_ours(make_hf_model("qwen3", seed=5, hidden_size=64, head_dim=16))
+  packed, plain = (model_lib.per_layer(weights, packed=p) for p in (True, False))
+  realigner = agents.make_realigner(weights)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 2, 7)), jnp.int32)
+  valid = jnp.asarray(np.arange(7)[None, None] >= np.array([[0], [3]])[None]).repeat(2, 0)
+  calls = []
+  real = kernels.partial_attention
+  counting = lambda *a: calls.append(a[1].ndim) or real(*a)
+
+  def run(w):
+    cache, h = agents.build_trace(w, cfg, KVCache.init(cfg, 2, 40), tokens, valid, realigner, 3)
+    last = model_lib.lm_head(w, h[-1][:, None])[:, 0]
+    gen = sampling.decode(w, cfg, cache, last, jax.random.key(0),
+                          sampling.SamplingConfig(max_new_tokens=6))
+    return gen.tokens, gen.logprobs, gen.entropy, h
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(kernels, "partial_attention", counting)
+    got = jax.jit(run)(packed)
+  assert calls, "the kernel never ran"
+  want = jax.jit(run)(plain)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  for x, y in zip(got[1:], want[1:]):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-4)
+
+  cache = agents.build_trace(plain, cfg, KVCache.init(cfg, 2, 40), tokens, valid, realigner,
+                             3)[0]
+
+  def step_loss(embeds, k, v, w):  # one latent step on a stacked cache, differentiated
+    c = dataclasses.replace(cache, k=k, v=v)
+    return jnp.sum(model_lib.forward(w, cfg, c, embeds=embeds, logits="none").hidden ** 2)
+
+  embeds = jax.random.normal(jax.random.key(1), (2, 1, cfg.hidden_size))
+  grads = [jax.jit(jax.grad(step_loss, argnums=(0, 1, 2)))(embeds, cache.k, cache.v, w)
+           for w in (packed, plain)]
+  for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+  assert not layers._kernel_fits(jnp.zeros((1, 1, 1, 8)), [])  # head_dim 8: XLA's
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

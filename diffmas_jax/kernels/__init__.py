@@ -41,8 +41,12 @@ from diffmas_jax.errors import InputError
 ENV = "DIFFMAS_CPU_KERNELS"
 CACHE_ENV = "DIFFMAS_KERNEL_CACHE"
 PANEL = 32  # columns per panel (packed_matmul.cc: kPanel)
-_SOURCE = pathlib.Path(__file__).with_name("packed_matmul.cc")
-_TARGET = "diffmas_packed_matmul"
+# One library; each source defines one FFI handler: (file, handler symbol, target name).
+_KERNELS = (("packed_matmul.cc", "DiffmasPackedMatmul", "diffmas_packed_matmul"),
+            ("attention.cc", "DiffmasPartialAttention", "diffmas_partial_attention"))
+_SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f, _, _ in _KERNELS)
+_TARGET = _KERNELS[0][2]
+_ATTENTION_TARGET = _KERNELS[1][2]
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -72,7 +76,7 @@ def _compile(out: pathlib.Path, cxx: str) -> None:
   # Written aside and renamed: processes building at once never load half a library.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
-  cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+  cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
   try:
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if run.returncode != 0:
@@ -91,17 +95,18 @@ def _build() -> str | None:
   if cxx is None:
     return "no C++ compiler found (install g++ or set $CXX)"
   key = hashlib.sha256("\n".join([
-      _SOURCE.read_text(), cxx, *_FLAGS, jax.__version__, jax.lib.__version__, _cpu_model(),
+      *(src.read_text() for src in _SOURCES), cxx, *_FLAGS, jax.__version__, jax.lib.__version__, _cpu_model(),
       platform.machine()]).encode()).hexdigest()[:16]
   out = _cache_dir() / f"packed_matmul-{key}.so"
   try:
     if not out.exists():
       _compile(out, cxx)
     library = ctypes.cdll.LoadLibrary(str(out))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.DiffmasPackedMatmul),
-                                platform="cpu")
+    for _, symbol, target in _KERNELS:
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    return f"building {_SOURCE.name} into {out.parent} failed: {e}"
+    return f"building {', '.join(f for f, _, _ in _KERNELS)} into {out.parent} failed: {e}"
   return None
 
 
@@ -243,3 +248,25 @@ def _packed_matmul_bwd(res, g):
 
 
 _packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
+
+
+def partial_attention(qc: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                      layer: jax.Array, keys_transposed: bool = False
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One query per row and head group against layer `layer` of a key/value block.
+
+  qc [B, K, G, Dh] f32 (pre-scaled; Dh 16, 32, 64 or 128); values [L, B, K, S, Dh] and
+  keys alike, or [L, B, K, Dh, S] with `keys_transposed`; f32, read in place; mask
+  [B, S] bool. Returns the block's softmax statistics
+  (o [B, K, G, Dh], m [B, K, G], l [B, K, G]): m the largest visible score, l and o
+  the sums of exp(s - m) and exp(s - m) v over visible slots (attention.cc). Slots no
+  row sees are not read. No derivative rule: layers.py wraps it in one.
+  """
+  _require()
+  b, k, g, d = qc.shape
+  call = jax.ffi.ffi_call(_ATTENTION_TARGET, (jax.ShapeDtypeStruct((b, k, g, d), jnp.float32),
+                                              jax.ShapeDtypeStruct((b, k, g), jnp.float32),
+                                              jax.ShapeDtypeStruct((b, k, g), jnp.float32)),
+                          vmap_method="sequential")
+  return call(qc, keys, values, mask, jnp.asarray(layer, jnp.int32),
+              keys_transposed=bool(keys_transposed))
