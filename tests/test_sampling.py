@@ -71,6 +71,25 @@ def test_greedy_token_is_argmax_with_its_tie_rule(rng):
   assert got[1] == 3 and got[2] == 0 and got[4] == 256
 
 
+def test_log_prob_and_entropy_against_float64(rng):
+  """The decode loop's log p(token) and entropy (one exp per logit, log Z - sum(p z))
+  against log-softmax in float64, from a flat row to one whose logits span 200 nats."""
+  logits = rng.standard_normal((4, 3000)).astype(np.float32)
+  logits[1] *= 40.0
+  logits[2] = 0.0
+  logits[3, 7] = 200.0
+  tok = jnp.asarray([5, int(np.argmax(logits[1])), 0, 7])
+  lp, ent = jax.jit(sampling._log_prob_and_entropy)(jnp.asarray(logits), tok)
+  x = logits.astype(np.float64)
+  logp = x - x.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  np.testing.assert_allclose(np.asarray(lp), logp[np.arange(4), np.asarray(tok)], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ent), -(np.exp(logp) * logp).sum(-1), rtol=1e-4,
+                             atol=1e-5)
+  assert abs(float(ent[2]) - np.log(3000)) < 1e-4 and abs(float(ent[3])) < 1e-5
+
+
 def test_sampling_filters():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 2000)
