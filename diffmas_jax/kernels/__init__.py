@@ -1,4 +1,4 @@
-"""A hand-written CPU kernel for inference's narrow weight products (XLA FFI).
+"""Hand-written CPU kernels for inference (XLA FFI): weight products and one-query attention.
 
 Decode and latent steps multiply a few rows by every weight matrix. XLA:CPU's
 products read a [K, N] weight at 60-80% of the memory bandwidth at one row and
@@ -7,8 +7,10 @@ column panels [N / 32, K, 32], each one contiguous stream, and `packed_matmul.cc
 reads them on XLA's intra-op threads. Prefill's many-row products run on it too:
 there it matched XLA's tiled matmul (one [576, 3072] weight, 1024 rows: 8.2 vs
 8.8 ms, scratch), so there is no second copy of the weights in XLA's layout.
+`partial_attention` (attention.cc) scores one query per row against cached keys and
+values read in place; `layers.attention(kernel=True)` uses it on packed weights.
 
-The kernel is compiled on first use with the system's C++ compiler (`$CXX`, else
+The library is compiled on first use with the system's C++ compiler (`$CXX`, else
 g++, c++ or clang++; -O3 -march=native, about 3 s) into
 `$DIFFMAS_KERNEL_CACHE`, default `$XDG_CACHE_HOME/diffmas_jax/kernels`, keyed by
 source, compiler, flags, jaxlib and CPU model, so every host builds its own.

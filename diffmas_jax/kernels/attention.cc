@@ -1,15 +1,15 @@
 // One query per row and head group against one block of cached keys and values, read in
-// place: the partial softmax statistics of a decode or latent step (kernels/__init__.py
-// merges the blocks). XLA:CPU runs this as a few small products per layer that read the
-// keys and values at about half the memory bandwidth, copies a stacked cache's layer out
-// first, and reads every slot, filled or not (docs/performance.md, ninth pass).
+// place: the partial softmax statistics of a decode or latent step (layers.py merges the
+// blocks). XLA:CPU runs this as a few small products per layer that read the keys and
+// values at about half the memory bandwidth, copies a stacked cache's layer out first,
+// and reads every slot, filled or not (docs/performance.md, ninth pass).
 //
 // q [B, K, G, Dh] (pre-scaled); values [L, B, K, S, Dh], keys alike or [L, B, K, Dh, S]
-// (keys_transposed), of which layer `layer` is read; mask [B, S]. Returns, per (b, k, g): m = the largest visible score, l = the sum of
-// exp(s - m) and o = the sum of exp(s - m) v over the visible slots. A row that sees no
-// slot of the block gets m = kMaskValue, l = S and o = the sum of all S values: the
-// uniform average that layers._attend_blocks gives such a row (masked scores there are
-// kMaskValue, finite).
+// (keys_transposed), of which layer `layer` is read; mask [B, S]. Returns, per (b, k, g):
+// m = the largest visible score, l = the sum of exp(s - m) and o = the sum of
+// exp(s - m) v over the visible slots. A row that sees no slot of the block gets
+// m = kMaskValue, l = S and o = the sum of all S values: the uniform average that
+// layers._attend_blocks gives such a row (masked scores there are kMaskValue, finite).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -28,6 +28,8 @@ namespace {
 constexpr float kMaskValue = -2.38e38f;  // layers.MASK_VALUE
 constexpr int64_t kChunk = 128;          // slots per work item
 typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+typedef float Vec8 __attribute__((vector_size(32), aligned(4)));
+typedef float Vec4 __attribute__((vector_size(16), aligned(4)));
 typedef int32_t Int16 __attribute__((vector_size(64), aligned(4)));
 
 inline Vec16 Load(const float* p) {
@@ -36,8 +38,7 @@ inline Vec16 Load(const float* p) {
   return v;
 }
 inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
-typedef float Vec8 __attribute__((vector_size(32), aligned(4)));
-typedef float Vec4 __attribute__((vector_size(16), aligned(4)));
+
 // A tree of halves: a 16-term chain of dependent adds would cost more than the loads.
 inline float Sum(Vec16 v) {
   Vec8 a, b;
