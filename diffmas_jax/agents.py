@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from diffmas_jax import model as model_lib
 from diffmas_jax.config import ModelConfig
-from diffmas_jax.kernels import PackedMatrix
 from diffmas_jax.kv_cache import KVCache
 from diffmas_jax.model import LoRA
 from diffmas_jax.params import Weights
@@ -65,9 +64,7 @@ def make_realigner(weights: Weights, lam: float = 1e-5, enabled: bool = True,
   `rows` vocabulary rows of both embeddings (see `realign_row_count`); None = all.
   """
   w_in = weights.embed.astype(jnp.float32)[:rows]  # [V, D]
-  head = weights.lm_head
-  if isinstance(head, PackedMatrix):  # model.per_layer(packed=True)
-    head = head.untied()
+  head = model_lib.untied_lm_head(weights)
   w_out = w_in if head is None else head.astype(jnp.float32).T[:rows]
   target_norm = jnp.mean(jnp.linalg.norm(w_in, axis=-1))
   d = w_in.shape[1]

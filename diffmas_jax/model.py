@@ -458,6 +458,13 @@ def per_layer(weights: Weights, packed: bool | None = None) -> Weights:
                              lm_head=head if isinstance(head, PackedMatrix) else None)
 
 
+def untied_lm_head(weights: Weights) -> jax.Array | None:
+  """The [D, V] LM head as an array; None for a tied model, `per_layer`'s packed copy of
+  the embedding included."""
+  head = weights.lm_head
+  return head.untied() if isinstance(head, PackedMatrix) else head
+
+
 def is_packed(weights: Weights) -> bool:
   """Whether `per_layer` stored these weights' matrices for the packed CPU kernel."""
   return any(isinstance(x, PackedMatrix) for x in jax.tree.leaves(
@@ -499,10 +506,7 @@ def stacked(weights: Weights) -> Weights:
   """Inverse of `per_layer`: layers stacked on a leading axis again (idempotent)."""
   if not isinstance(weights.layers, tuple):
     return weights
-  head = weights.lm_head
-  if isinstance(head, PackedMatrix):
-    head = head.untied()
-  return dataclasses.replace(weights, lm_head=head, layers=jax.tree.map(
+  return dataclasses.replace(weights, lm_head=untied_lm_head(weights), layers=jax.tree.map(
       lambda *xs: jnp.stack(xs), *(_unfuse(lw) for lw in weights.layers)))
 
 

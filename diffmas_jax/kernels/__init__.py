@@ -43,12 +43,13 @@ from diffmas_jax.errors import InputError
 ENV = "DIFFMAS_CPU_KERNELS"
 CACHE_ENV = "DIFFMAS_KERNEL_CACHE"
 PANEL = 32  # columns per panel (packed_matmul.cc: kPanel)
+_TARGET = "diffmas_packed_matmul"
+_ATTENTION_TARGET = "diffmas_partial_attention"
 # One library; each source defines one FFI handler: (file, handler symbol, target name).
-_KERNELS = (("packed_matmul.cc", "DiffmasPackedMatmul", "diffmas_packed_matmul"),
-            ("attention.cc", "DiffmasPartialAttention", "diffmas_partial_attention"))
+_KERNELS = (("packed_matmul.cc", "DiffmasPackedMatmul", _TARGET),
+            ("attention.cc", "DiffmasPartialAttention", _ATTENTION_TARGET))
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f, _, _ in _KERNELS)
-_TARGET = _KERNELS[0][2]
-_ATTENTION_TARGET = _KERNELS[1][2]
+_HEADERS = (pathlib.Path(__file__).with_name("cpu_common.h"),)
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -97,8 +98,8 @@ def _build() -> str | None:
   if cxx is None:
     return "no C++ compiler found (install g++ or set $CXX)"
   key = hashlib.sha256("\n".join([
-      *(src.read_text() for src in _SOURCES), cxx, *_FLAGS, jax.__version__, jax.lib.__version__, _cpu_model(),
-      platform.machine()]).encode()).hexdigest()[:16]
+      *(src.read_text() for src in (*_SOURCES, *_HEADERS)), cxx, *_FLAGS, jax.__version__,
+      jax.lib.__version__, _cpu_model(), platform.machine()]).encode()).hexdigest()[:16]
   out = _cache_dir() / f"packed_matmul-{key}.so"
   try:
     if not out.exists():

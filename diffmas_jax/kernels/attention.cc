@@ -11,33 +11,27 @@
 // m = kMaskValue, l = S and o = the sum of all S values: the uniform average that
 // layers._attend_blocks gives such a row (masked scores there are kMaskValue, finite).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using diffmas_kernels::Load;
+using diffmas_kernels::Store;
+using diffmas_kernels::Vec16;
+
 constexpr float kMaskValue = -2.38e38f;  // layers.MASK_VALUE
 constexpr int64_t kChunk = 128;          // slots per work item
-typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
 typedef float Vec8 __attribute__((vector_size(32), aligned(4)));
 typedef float Vec4 __attribute__((vector_size(16), aligned(4)));
 typedef int32_t Int16 __attribute__((vector_size(64), aligned(4)));
-
-inline Vec16 Load(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // A tree of halves: a 16-term chain of dependent adds would cost more than the loads.
 inline float Sum(Vec16 v) {
@@ -200,9 +194,9 @@ struct Job {
   std::vector<char> row_sees_any;             // [B]
   int64_t B, K, G, S, D, chunks_per_head, num_items;
   bool keys_transposed;
-  std::atomic<int64_t> next{0}, done{0};
 
-  void Item(int64_t item, std::vector<float>& s) {
+  void Item(int64_t item) {
+    thread_local std::vector<float> s;  // the chunk's scores, then probabilities
     const int64_t c = item % chunks_per_head, bk = item / chunks_per_head, b = bk / K;
     const int64_t s0 = c * kChunk, n = std::min(S, s0 + kChunk) - s0;
     const float* keys_at = keys + (keys_transposed ? bk * D * S + s0 : (bk * S + s0) * D);
@@ -216,14 +210,6 @@ struct Job {
       case 32: return run(Chunk<2>{});
       case 64: return run(Chunk<4>{});
       case 128: return run(Chunk<8>{});
-    }
-  }
-
-  void Work() {
-    std::vector<float> scratch;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items;) {
-      Item(i, scratch);
-      done.fetch_add(1, std::memory_order_release);
     }
   }
 
@@ -275,38 +261,33 @@ ffi::Error PartialAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (index < 0 || index >= kd[0]) {
     return ffi::Error::InvalidArgument("partial_attention: layer index out of range");
   }
-  auto job = std::make_shared<Job>();
-  job->B = qd[0], job->K = qd[1], job->G = qd[2], job->D = qd[3], job->S = vd[3];
-  job->keys_transposed = keys_transposed;
-  const int64_t layer_size = job->B * job->K * job->S * job->D;
-  job->q = q.typed_data();
-  job->keys = keys.typed_data() + index * layer_size;
-  job->values = values.typed_data() + index * layer_size;
-  job->mask = mask.typed_data();
-  job->o = o->typed_data(), job->m = m->typed_data(), job->l = l->typed_data();
-  job->chunks_per_head = std::max<int64_t>(1, (job->S + kChunk - 1) / kChunk);
-  job->num_items = job->B * job->K * job->chunks_per_head;
-  job->part_o.resize(job->num_items * job->G * job->D);
-  job->part_m.resize(job->num_items * job->G);
-  job->part_l.resize(job->num_items * job->G);
-  job->row_sees_any.resize(job->B);
-  for (int64_t b = 0; b < job->B; ++b) {
-    const bool* row = job->mask + b * job->S;
-    job->row_sees_any[b] = std::any_of(row, row + job->S, [](bool x) { return x; });
+  Job job;
+  job.B = qd[0], job.K = qd[1], job.G = qd[2], job.D = qd[3], job.S = vd[3];
+  job.keys_transposed = keys_transposed;
+  const int64_t layer_size = job.B * job.K * job.S * job.D;
+  job.q = q.typed_data();
+  job.keys = keys.typed_data() + index * layer_size;
+  job.values = values.typed_data() + index * layer_size;
+  job.mask = mask.typed_data();
+  job.o = o->typed_data(), job.m = m->typed_data(), job.l = l->typed_data();
+  job.chunks_per_head = std::max<int64_t>(1, (job.S + kChunk - 1) / kChunk);
+  job.num_items = job.B * job.K * job.chunks_per_head;
+  job.part_o.resize(job.num_items * job.G * job.D);
+  job.part_m.resize(job.num_items * job.G);
+  job.part_l.resize(job.num_items * job.G);
+  job.row_sees_any.resize(job.B);
+  for (int64_t b = 0; b < job.B; ++b) {
+    const bool* row = job.mask + b * job.S;
+    job.row_sees_any[b] = std::any_of(row, row + job.S, [](bool x) { return x; });
   }
-  if (job->S == 0) {
-    std::fill(job->o, job->o + job->B * job->K * job->G * job->D, 0.f);
-    std::fill(job->m, job->m + job->B * job->K * job->G, kMaskValue);
-    std::fill(job->l, job->l + job->B * job->K * job->G, 0.f);
+  if (job.S == 0) {
+    std::fill(job.o, job.o + job.B * job.K * job.G * job.D, 0.f);
+    std::fill(job.m, job.m + job.B * job.K * job.G, kMaskValue);
+    std::fill(job.l, job.l + job.B * job.K * job.G, 0.f);
     return ffi::Error::Success();
   }
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(workers, job->num_items); ++t) {
-    pool.Schedule([job] { job->Work(); });
-  }
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_items) std::this_thread::yield();
-  job->Merge();
+  diffmas_kernels::ParallelFor(pool, job.num_items, [&job](int64_t i) { job.Item(i); });
+  job.Merge();
   return ffi::Error::Success();
 }
 

@@ -4,34 +4,26 @@
 // intra-op threads. XLA:CPU's own narrow products read the [K, N] layout at 60-80% of
 // the bandwidth at one row and about half at eight (docs/performance.md, eighth pass).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using diffmas_kernels::Load;
+using diffmas_kernels::Store;
+using diffmas_kernels::Vec16;
+
 constexpr int64_t kPanel = 32;
-// Two vectors of 16 floats: one zmm each with AVX-512, two ymm with AVX2. The compiler
-// picks the instructions for this machine (-march=native, kernels/__init__.py).
-typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+// A panel row is two Vec16s.
 #if defined(__AVX512F__)
 constexpr int64_t kRows = 8;  // 16 accumulators of 32 registers
 #else
 constexpr int64_t kRows = 4;  // 8 accumulator pairs fit 16 ymm registers
 #endif
-
-inline Vec16 Load(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // R rows of x against one panel: y[r, 0:32] = sum_k x[r, k] * panel[k, 0:32].
 template <int64_t R>
@@ -82,47 +74,20 @@ void Panels(const float* x, int64_t M, int64_t K, const float* panels, int64_t p
   }
 }
 
-// Work shared by the caller and the pool's threads; owned jointly, so a pool task that
-// starts after the product is done finds nothing to claim and touches no freed memory.
-struct Job {
-  const float* x;
-  const float* panels;
-  float* y;
-  int64_t M, K, N, num_panels, chunk, num_chunks;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
-      const int64_t p0 = c * chunk, p1 = std::min(num_panels, p0 + chunk);
-      Panels(x, M, K, panels, p0, p1, y, N);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), pd = panels.dimensions();
   if (xd.size() != 2 || pd.size() != 3 || pd[2] != kPanel || pd[1] != xd[1]) {
     return ffi::Error::InvalidArgument("packed_matmul: expected x [M, K] and panels [P, K, 32]");
   }
-  auto job = std::make_shared<Job>();
-  job->x = x.typed_data();
-  job->panels = panels.typed_data();
-  job->y = y->typed_data();
-  job->M = xd[0];
-  job->K = xd[1];
-  job->num_panels = pd[0];
-  job->N = pd[0] * kPanel;
+  const int64_t M = xd[0], K = xd[1], num_panels = pd[0], N = num_panels * kPanel;
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   // About four chunks per worker, so a thread that starts late still finds work.
-  job->chunk = std::max<int64_t>(1, job->num_panels / (4 * workers));
-  job->num_chunks = (job->num_panels + job->chunk - 1) / job->chunk;
-  for (int64_t t = 1; t < std::min(workers, job->num_chunks); ++t) {
-    pool.Schedule([job] { job->Work(); });
-  }
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  const int64_t chunk = std::max<int64_t>(1, num_panels / (4 * workers));
+  diffmas_kernels::ParallelFor(pool, (num_panels + chunk - 1) / chunk, [&](int64_t c) {
+    Panels(x.typed_data(), M, K, panels.typed_data(), c * chunk,
+           std::min(num_panels, (c + 1) * chunk), y->typed_data(), N);
+  });
   return ffi::Error::Success();
 }
 
